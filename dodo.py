@@ -1,0 +1,50 @@
+"""doit entry point: `doit build` builds the default recipes; `doit list` shows every task.
+
+    doit build                       default recipes (those with `default: true`)
+    doit build recipes=gpt2-medium   named recipes (comma-separated)
+    doit validate:gpt2-tiny-kv       one artifact, with what it needs
+    doit bench:gpt2-tiny             benchmark a recipe's variants (not part of build)
+"""
+
+from doit import get_var
+
+from onnxforge.config import load_recipes
+from onnxforge.store import StageContext
+from onnxforge.tasks import plan_all, project_paths, publish_task_names, stage_tasks, bench_task
+
+PROJECT, RECIPES, ARTIFACTS = project_paths()
+DOIT_CONFIG = {
+    "default_tasks": ["build"],
+    "dep_file": str(ARTIFACTS / ".doit.db"),
+    "backend": "json",
+    "verbosity": 2,
+}
+ARTIFACTS.mkdir(parents=True, exist_ok=True)
+_RECIPES = load_recipes(RECIPES)
+_PLANS = plan_all(RECIPES, PROJECT)
+_CTX = StageContext(root=ARTIFACTS, project_dir=PROJECT)
+
+
+def _selected():
+    named = get_var("recipes", "")
+    if named:
+        chosen = [n.strip() for n in named.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in _RECIPES]
+        if unknown:
+            raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(_RECIPES)}")
+        return chosen
+    return [n for n, r in _RECIPES.items() if r.body.default]
+
+
+def task_build():
+    """Build the default recipes, or `recipes=a,b`."""
+    return {"actions": None, "task_dep": publish_task_names(_PLANS, _selected())}
+
+
+def task_stages():
+    yield from stage_tasks(_PLANS, _CTX)
+
+
+def task_bench():
+    """Benchmark each recipe's variants (prefill, decode, RSS, size); JSON + PNG."""
+    yield from bench_task(_PLANS, _CTX)

@@ -1,0 +1,246 @@
+"""Recipes: YAML -> typed, frozen config.
+
+Every problem in a recipe becomes one `RecipeError` whose message names the
+file, the key path and what is allowed, so a user never reads a pydantic dump.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR_DEFAULT = Path("recipes")
+CONFIGS_DIR = "configs"  # named model configs live in recipes/configs/<name>.json
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with a one-line reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+# ---- sources -------------------------------------------------------------
+
+
+class HubSource(Strict):
+    repo: str = Field(min_length=1)
+    revision: str = Field(min_length=1, description="a commit sha, so builds are reproducible")
+
+
+class TrainedTokenizer(Strict):
+    """A byte-level BPE trained on local text: only for random-weight models."""
+
+    train_on: str = Field(min_length=1, description="text file, relative to the project root")
+    vocab_size: int = Field(ge=260, le=100_000)
+
+
+class RandomSource(Strict):
+    # Either an inline config dict or the name of a config in recipes/configs/.
+    config: dict[str, Any] | str
+    seed: int = Field(ge=0)
+    tokenizer: TrainedTokenizer
+    # Optional short training on the tokenizer corpus, so that tiny models write
+    # word-like text and pruning has a perplexity cost worth measuring.
+    train_steps: int = Field(default=0, ge=0, le=100_000)
+
+
+class Source(Strict):
+    hub: HubSource | None = None
+    path: str | None = None
+    random: RandomSource | None = None
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("hub", "path", "random") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, random (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hub", "path", "random") if getattr(self, k) is not None)
+
+
+# ---- GPT-2 stages and variants --------------------------------------------
+
+
+class ExportConfig(Strict):
+    opset: int = Field(default=18, ge=14, le=23)
+
+
+class ValidateConfig(Strict):
+    logits_atol: float = Field(default=1e-4, gt=0)
+    greedy_tokens: int = Field(default=32, ge=1, le=1024)
+    greedy_prompt: str = Field(default="The old lighthouse", min_length=1)
+    eval_text: str = Field(default="calibration/eval-text.txt")
+    eval_window: int = Field(default=128, ge=8)
+
+
+class RuntimeConfig(Strict):
+    prompt_template: str = Field(
+        default="A detailed, imaginative painting of {word},",
+        description="must contain {word}",
+    )
+
+    @model_validator(mode="after")
+    def has_word(self):
+        if "{word}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {word}")
+        return self
+
+
+class BaseVariant(Strict):
+    pass
+
+
+class KvVariant(Strict):
+    pass
+
+
+class PrunedVariant(Strict):
+    ratio: Annotated[float, Field(gt=0.0, le=0.9)] = 0.25
+    # Refuse to ship a pruned model whose perplexity grew more than this factor
+    # over the unpruned one (None: record only).
+    max_perplexity_ratio: float | None = Field(default=None, gt=1.0)
+
+
+class KvInt8Variant(Strict):
+    op_types: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
+    per_channel: bool = False
+    reduce_range: bool = False
+    min_top1_agreement: float = Field(default=0.9, ge=0.0, le=1.0)
+    min_logit_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
+
+
+class Gpt2Variants(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    base: BaseVariant | None = None
+    kv: KvVariant | None = None
+    pruned: PrunedVariant | None = None
+    kv_int8: KvInt8Variant | None = Field(default=None, alias="kv-int8")
+
+    def enabled(self) -> dict[str, Strict]:
+        out = {}
+        for field, info in type(self).model_fields.items():
+            value = getattr(self, field)
+            if value is not None:
+                out[info.alias or field] = value
+        return out
+
+
+class Gpt2Recipe(Strict):
+    family: Literal["gpt2"]
+    description: str = ""
+    default: bool = False  # built by a plain `doit build`
+    source: Source
+    export: ExportConfig = ExportConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    runtime: RuntimeConfig = RuntimeConfig()
+    variants: Gpt2Variants
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def some_variant(self):
+        if not self.variants.enabled():
+            raise ValueError("variants: name at least one of base, kv, pruned, kv-int8")
+        return self
+
+
+FAMILIES = {"gpt2": Gpt2Recipe}
+
+
+class Recipe(Strict):
+    """A loaded recipe: its name (the file stem), its file, and the typed body."""
+
+    name: str
+    path: str
+    body: Gpt2Recipe
+    text_digest: str  # sha256 of the validated body, for the manifest
+
+
+def _format_error(path: Path, err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: {loc}: unknown key"
+    if kind == "missing":
+        return f"{path}: {loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {loc}: {msg}{got_txt}" if loc else f"{path}: {msg}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the model along loc (all but the last part) and list the allowed keys there."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            return []
+        match = next((f for n, f in fields.items() if part in (n, f.alias)), None)
+        if match is None:
+            return []
+        ann = match.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        current = inner[0]
+    return [f.alias or n for n, f in current.model_fields.items()]
+
+
+def resolve_named_config(name: str, recipes_dir: Path) -> dict:
+    cfg_path = recipes_dir / CONFIGS_DIR / f"{name}.json"
+    if not cfg_path.is_file():
+        known = sorted(p.stem for p in (recipes_dir / CONFIGS_DIR).glob("*.json"))
+        raise RecipeError(f"source.random.config: no named config {name!r}; known: {', '.join(known) or 'none'}")
+    return json.loads(cfg_path.read_text())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys (family, source, variants, ...), got {type(data).__name__}")
+    family = data.get("family")
+    if family not in FAMILIES:
+        raise RecipeError(f"{path}: family: must be one of {', '.join(FAMILIES)} (got {family!r})")
+    model = FAMILIES[family]
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        line = _format_error(path, err)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"])
+            if allowed:
+                line += f"; allowed: {', '.join(allowed)}"
+        raise RecipeError(line) from None
+    if isinstance(body.source.random, RandomSource) and isinstance(body.source.random.config, str):
+        try:
+            resolve_named_config(body.source.random.config, path.parent)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+    canonical = json.dumps(body.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return Recipe(name=path.stem, path=str(path), body=body, text_digest=hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def load_recipes(recipes_dir: str | Path) -> dict[str, Recipe]:
+    recipes_dir = Path(recipes_dir)
+    return {p.stem: load_recipe(p) for p in sorted(recipes_dir.glob("*.yaml"))}

@@ -1,0 +1,517 @@
+"""GPT-2: source, prune, export, quantize and validate stages, and the recipe's plan.
+
+Variants:
+    base     one decoder without cache (the whole sequence every step)
+    kv       one merged decoder with past key/values (an empty past for the prompt)
+    pruned   attention heads and MLP channels removed at a recipe-set ratio, with cache
+    kv-int8  the kv decoder with onnxruntime dynamic int8 MatMuls
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Gpt2Recipe, Recipe, resolve_named_config
+from ..sources import folder_fingerprint, hub_snapshot, local_folder, weights_sha256
+from ..store import StageContext, StageSpec, link_or_copy
+from ..runtime.artifact import make_session
+from ..runtime.text import CausalLM
+
+EOS = "<|endoftext|>"
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+TOKENIZER = "tokenizer.json"
+
+
+class ValidationFailed(RuntimeError):
+    """An artifact that does not match its reference: the build stops, nothing is published."""
+
+
+# ---- the plan: recipe -> stage specs ---------------------------------------
+
+
+def _sha256_text(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
+    """The publishing stage of each variant; each links to its upstream stages."""
+    body: Gpt2Recipe = recipe.body
+    extra = {"family": "gpt2", "recipe_file": recipe.path, "recipe_digest": recipe.text_digest}
+    src = body.source
+    if src.kind == "random":
+        r = src.random
+        config = r.config if isinstance(r.config, dict) else resolve_named_config(r.config, Path(recipe.path).parent)
+        corpus = project_dir / r.tokenizer.train_on
+        source_params = {"kind": "random", "config": config, "seed": r.seed, "train_steps": r.train_steps,
+                         "tokenizer": {**r.tokenizer.model_dump(), "corpus_sha256": _sha256_text(corpus)}}
+    elif src.kind == "hub":
+        source_params = {"kind": "hub", "repo": src.hub.repo, "revision": src.hub.revision}
+    else:
+        folder = Path(src.path) if Path(src.path).is_absolute() else project_dir / src.path
+        source_params = {"kind": "path", "path": str(folder), "files": folder_fingerprint(folder)}
+
+    def spec(stage, variant, params, upstream, publishes=False, doc=""):
+        return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params=params,
+                         fn=f"{__name__}:{stage}_stage", upstream=tuple(upstream), publishes=publishes,
+                         doc=doc, extra=extra)
+
+    source = spec("source", None, source_params, [], doc=f"load {src.kind} weights and tokenizer")
+    validate_common = {**body.validate_.model_dump(),
+                       "eval_text_sha256": _sha256_text(project_dir / body.validate_.eval_text),
+                       "prompt_template": body.runtime.prompt_template}
+    opset = body.export.opset
+    out: dict[str, StageSpec] = {}
+    variants = body.variants.enabled()
+    kv_export = spec("export", "kv", {"opset": opset, "with_past": True}, [source], doc="export decoder with KV cache")
+    for name, cfg in variants.items():
+        if name == "base":
+            export = spec("export", name, {"opset": opset, "with_past": False}, [source], doc="export decoder without cache")
+            out[name] = spec("validate", name, validate_common, [export], True, "check vs PyTorch and publish")
+        elif name == "kv":
+            out[name] = spec("validate", name, validate_common, [kv_export], True, "check vs PyTorch and publish")
+        elif name == "pruned":
+            prune = spec("prune", name, {"ratio": cfg.ratio}, [source], doc=f"prune heads and MLP channels by {cfg.ratio:.0%}")
+            export = spec("export", name, {"opset": opset, "with_past": True}, [prune], doc="export pruned decoder with KV cache")
+            out[name] = spec("validate", name, {**validate_common, "max_perplexity_ratio": cfg.max_perplexity_ratio},
+                             [export, source], True, "check vs PyTorch, measure perplexity, publish")
+        elif name == "kv-int8":
+            quant = spec("quantize", name, {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel,
+                                            "reduce_range": cfg.reduce_range, "weight_type": "QInt8"},
+                         [kv_export], doc="dynamic int8 of the MatMul weights")
+            out[name] = spec("validate", name, {**validate_common, "min_top1_agreement": cfg.min_top1_agreement,
+                                                "min_logit_cosine": cfg.min_logit_cosine},
+                             [quant], True, "compare with fp32 and publish")
+    return out
+
+
+# ---- source -------------------------------------------------------------------
+
+
+def train_tokenizer(corpus: Path, vocab_size: int):
+    """A byte-level BPE like GPT-2's, trained on local text (no GPT-2 vocab ships offline)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    if not corpus.is_file() or not corpus.read_text().strip():
+        raise FileNotFoundError(f"{corpus}: tokenizer corpus is missing or empty; the random source trains its tokenizer on it")
+    tok = ByteLevelBPETokenizer()
+    tok.train([str(corpus)], vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    return tok
+
+
+def random_gpt2(config: dict, seed: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng():  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(**config))
+    return model.eval()
+
+
+def train_briefly(model, token_ids: list[int], steps: int, seed: int, window: int = 64, batch: int = 16):
+    """A few optimizer steps on the corpus so a tiny model writes word-like text.
+
+    Not a quality claim: it gives the offline demo readable output and pruning
+    a perplexity cost worth measuring.
+    """
+    import torch
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.tensor(token_ids, dtype=torch.long)
+    window = min(window, len(data) - 1, model.config.n_positions)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc="train tiny model", unit="step", leave=False):
+        starts = torch.randint(0, len(data) - window - 1, (batch,), generator=gen)
+        x = torch.stack([data[s:s + window] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+def save_tokenizer(model_dir: Path, out_file: Path) -> None:
+    """Copy the repo's tokenizer.json, or build one from vocab.json + merges.txt."""
+    if (model_dir / TOKENIZER).is_file():
+        link_or_copy(model_dir / TOKENIZER, out_file)
+        return
+    if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
+        from tokenizers import ByteLevelBPETokenizer
+
+        ByteLevelBPETokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt")).save(str(out_file))
+        return
+    raise FileNotFoundError(f"{model_dir}: no tokenizer.json (or vocab.json + merges.txt) in the model folder")
+
+
+def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    p = spec.params
+    recorded: dict = {}
+    if p["kind"] == "random":
+        tok_cfg = p["tokenizer"]
+        corpus = ctx.project_dir / tok_cfg["train_on"]
+        tok = train_tokenizer(corpus, tok_cfg["vocab_size"])
+        config = dict(p["config"])
+        if "vocab_size" not in config:  # a tiny model takes its vocab from the tokenizer
+            eos = tok.token_to_id(EOS)
+            config.update(vocab_size=tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos)
+        model = random_gpt2(config, p["seed"])
+        if p["train_steps"]:
+            ids = tok.encode(corpus.read_text()).ids
+            recorded["train_loss"] = round(train_briefly(model, ids, p["train_steps"], p["seed"]), 4)
+        model_dir = out / "model"
+        model.save_pretrained(model_dir)
+        tok.save(str(model_dir / TOKENIZER))
+        source = {"kind": "random", "seed": p["seed"], "config": config}
+        rel = "model"
+    elif p["kind"] == "hub":
+        model_dir = hub_snapshot(p["repo"], p["revision"], HUB_FILES)
+        source = {"kind": "hub", "repo": p["repo"], "revision": p["revision"]}
+        rel = str(model_dir)
+    else:
+        model_dir = local_folder(p["path"], ctx.project_dir)
+        source = {"kind": "path", "path": str(model_dir)}
+        rel = str(model_dir)
+    source["weights_sha256"] = weights_sha256(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    recorded["parameters"] = count_parameters_from_dir(model_dir)
+    source["architecture"] = {k: config.get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
+    return {"model_dir": rel, "source": source, "recorded": recorded}
+
+
+def count_parameters_from_dir(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                total += math.prod(st.get_slice(k).get_shape())
+    return total
+
+
+def model_dir_of(ctx: StageContext, spec: StageSpec, stage: str) -> Path:
+    rec = ctx.upstream_record(spec, stage)
+    path = Path(rec["model_dir"])
+    return path if path.is_absolute() else ctx.upstream_dir(spec, stage) / path
+
+
+def load_torch_model(model_dir: Path):
+    from transformers import GPT2LMHeadModel
+
+    # eager attention: the reference for parity, and it exports with torch.export
+    return GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+# ---- prune ------------------------------------------------------------------
+
+
+def prune_gpt2(model, ratio: float) -> dict:
+    """Remove the lowest-magnitude attention heads and MLP channels, uniformly per layer.
+
+    Why not torch-pruning: on GPT-2 it silently prunes nothing (Conv1D is an
+    "unwrapped parameter"), and after Conv1D->Linear it splits the fused q/k/v
+    projection along the wrong dimension. transformers' own `prune_heads` and
+    `prune_conv1d_layer` do the surgery correctly and record it in the config
+    (`pruned_heads`, `n_inner`), so the pruned model saves and reloads.
+    Importance is the L2 norm of each group's weights, the criterion
+    torch-pruning's MagnitudeImportance uses for a group.
+    """
+    import torch
+    from transformers.pytorch_utils import prune_conv1d_layer
+
+    cfg = model.config
+    n_head, d = cfg.n_head, cfg.n_embd
+    head_dim = d // n_head
+    remove = min(n_head - 1, max(1, round(n_head * ratio)))
+    before = sum(p.numel() for p in model.parameters())
+    heads_to_prune = {}
+    for i, block in enumerate(model.transformer.h):
+        w = block.attn.c_attn.weight  # (d, 3d): q | k | v columns
+        proj = block.attn.c_proj.weight  # (d, d): rows are head outputs
+        scores = []
+        for h in range(n_head):
+            cols = [slice(part * d + h * head_dim, part * d + (h + 1) * head_dim) for part in range(3)]
+            norm = sum(w[:, c].pow(2).sum() for c in cols) + proj[h * head_dim:(h + 1) * head_dim].pow(2).sum()
+            scores.append(float(norm))
+        heads_to_prune[i] = sorted(int(h) for h in np.argsort(scores)[:remove])
+    model.prune_heads(heads_to_prune)
+
+    inner = cfg.n_inner or 4 * d
+    keep = inner - max(1, round(inner * ratio))
+    for block in model.transformer.h:
+        fc, proj = block.mlp.c_fc, block.mlp.c_proj  # fc: (d, inner); proj: (inner, d)
+        score = (fc.weight.pow(2).sum(0) + fc.bias.pow(2)) * proj.weight.pow(2).sum(1)
+        index = torch.sort(torch.topk(score, keep).indices).values
+        block.mlp.c_fc = prune_conv1d_layer(fc, index, dim=1)
+        block.mlp.c_proj = prune_conv1d_layer(proj, index, dim=0)
+    cfg.n_inner = keep
+    after = sum(p.numel() for p in model.parameters())
+    return {"parameters_before": before, "parameters_after": after, "heads_removed_per_layer": remove,
+            "heads_kept_per_layer": n_head - remove, "mlp_width_before": inner, "mlp_width_after": keep}
+
+
+def prune_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    import torch
+
+    src_dir = model_dir_of(ctx, spec, "source")
+    model = load_torch_model(src_dir)
+    recorded = prune_gpt2(model, spec.params["ratio"])
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    save_tokenizer(src_dir, model_dir / TOKENIZER)
+    # Prove the saved model reloads to the same function before anything builds on it.
+    reloaded = load_torch_model(model_dir)
+    probe = torch.arange(min(16, model.config.n_positions))[None] % model.config.vocab_size
+    with torch.no_grad():
+        diff = float((reloaded(probe).logits - model(probe).logits).abs().max())
+    if diff > 1e-5:
+        raise ValidationFailed(f"prune:{spec.task_name}: reloaded pruned model differs from the pruned one (max abs diff {diff:.2e})")
+    recorded["reload_max_abs_diff"] = diff
+    return {"model_dir": "model", "recorded": recorded}
+
+
+# ---- export -------------------------------------------------------------------
+
+
+def _decoder_wrapper(model, with_past: bool):
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    n_layer = model.config.n_layer
+
+    class Decoder(torch.nn.Module):
+        """Flat tensors in and out, so the ONNX graph has plain named inputs."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, past=()):
+            if not with_past:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).logits
+            cache = DynamicCache()
+            for i in range(n_layer):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return Decoder()
+
+
+def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
+    """torch.onnx.export (dynamo) of one decoder.
+
+    Why not optimum's exporter: it cannot export a head-pruned GPT-2 with past
+    (it builds the dummy past from n_head), and one exporter for all variants
+    keeps their inputs identical.
+    """
+    import onnx
+    import torch
+
+    cfg = model.config
+    names = ["input_ids", "attention_mask", "position_ids"]
+    out_names = ["logits"]
+    # position embeddings bound both lengths by the context
+    ctx_len = cfg.n_positions
+    batch = torch.export.Dim("batch")
+    seq, past_seq = torch.export.Dim("seq", max=ctx_len), torch.export.Dim("past_seq", max=ctx_len)
+    # batch 2 in the example, or torch.export specializes batch to 1
+    b, s, p = 2, 5, 3 if with_past else 0
+    args = [torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).expand(b, s).contiguous()]
+    dyn = [{0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq}]
+    if with_past:
+        past, past_dyn = [], []
+        for i, block in enumerate(model.transformer.h):
+            heads = block.attn.num_heads
+            head_dim = block.attn.head_dim
+            for kind in ("key", "value"):
+                names.append(f"past_key_values.{i}.{kind}")
+                out_names.append(f"present.{i}.{kind}")
+                past.append(torch.randn(b, heads, p, head_dim))
+                past_dyn.append({0: batch, 2: past_seq})
+        args.append(tuple(past))
+        dyn.append(tuple(past_dyn))
+    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.8e9
+    wrapper = _decoder_wrapper(model, with_past)
+    with torch.no_grad():
+        torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=out_names,
+                          dynamic_shapes=tuple(dyn), opset_version=opset, dynamo=True, external_data=big,
+                          verbose=False)
+    # Give the attention mask's length a readable symbolic name.
+    proto = onnx.load(str(path), load_external_data=False)
+    for value in proto.graph.input:
+        if value.name == "attention_mask":
+            value.type.tensor_type.shape.dim[1].dim_param = "past_seq + seq" if with_past else "seq"
+    onnx.save(proto, str(path))
+
+
+def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    upstream = "prune" if any(u.stage == "prune" for u in spec.upstream) else "source"
+    model_dir = model_dir_of(ctx, spec, upstream)
+    model = load_torch_model(model_dir)
+    export_gpt2(model, out / "model.onnx", spec.params["with_past"], spec.params["opset"])
+    save_tokenizer(model_dir, out / TOKENIZER)
+    return {"model": "model.onnx", "model_dir": str(model_dir)}
+
+
+# ---- quantize -----------------------------------------------------------------
+
+
+def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    from ..quantize import dynamic_int8
+
+    src = ctx.upstream_dir(spec, "export")
+    p = spec.params
+    dynamic_int8(src / "model.onnx", out / "model.onnx", op_types=p["op_types"],
+                 per_channel=p["per_channel"], reduce_range=p["reduce_range"])
+    link_or_copy(src / TOKENIZER, out / TOKENIZER)
+    return {"model": "model.onnx", "recorded": {"fp32_bytes": (src / "model.onnx").stat().st_size,
+                                                "int8_bytes": (out / "model.onnx").stat().st_size}}
+
+
+# ---- validate + publish ---------------------------------------------------------
+
+
+def _check(checks: list, name: str, value, limit, ok: bool):
+    checks.append({"check": name, "value": value, "limit": limit, "passed": bool(ok)})
+
+
+def torch_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from PyTorch without cache: the reference for both ONNX paths."""
+    import torch
+
+    ids = list(prompt_ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            if len(ids) >= model.config.n_positions:
+                break
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def perplexity(model, ids: list[int], window: int) -> float:
+    """Token-level perplexity over non-overlapping windows (stride = window)."""
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start:start + window + 1]])
+            if chunk.shape[1] < 2:
+                break
+            logits = model(chunk[:, :-1]).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+            nll += float(loss)
+            count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def _eval_ids(tokenizer, path: Path, limit: int) -> list[int]:
+    if not path.is_file() or not path.read_text().strip():
+        raise FileNotFoundError(f"{path}: evaluation text is missing or empty (validate.eval_text in the recipe)")
+    return tokenizer.encode(path.read_text()).ids[:limit]
+
+
+def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    import torch
+    from tokenizers import Tokenizer
+
+    p = spec.params
+    variant = spec.variant
+    producer = "quantize" if variant == "kv-int8" else "export"
+    src = ctx.upstream_dir(spec, producer)
+    for name in ("model.onnx", TOKENIZER):
+        link_or_copy(src / name, out / name)
+    for extra in src.glob("model.onnx.data"):
+        link_or_copy(extra, out / extra.name)
+
+    tokenizer = Tokenizer.from_file(str(out / TOKENIZER))
+    export_rec = json.loads(next(u for u in _walk(spec) if u.stage == "export").target(ctx.root).read_text())
+    ref_dir = Path(export_rec["model_dir"])
+    config = json.loads((ref_dir / "config.json").read_text())
+    context = config["n_positions"]
+    lm = CausalLM(make_session(out / "model.onnx"), context)
+    window = min(p["eval_window"], context)
+    eval_ids = _eval_ids(tokenizer, ctx.project_dir / p["eval_text"], 8 * window)
+    prompt_ids = tokenizer.encode(p["greedy_prompt"]).ids
+    n = min(p["greedy_tokens"], context - len(prompt_ids))
+    checks: list[dict] = []
+    results: dict = {"checks": checks}
+
+    if variant == "kv-int8":
+        fp32 = CausalLM(make_session(ctx.upstream_dir(spec, "export") / "model.onnx"), context)
+        agree, cos = [], []
+        for start in range(0, len(eval_ids) - 1, window):
+            chunk = eval_ids[start:start + window]
+            a, b = lm.full_logits(chunk), fp32.full_logits(chunk)
+            agree.append(np.mean(a.argmax(-1) == b.argmax(-1)))
+            cos.append(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+        top1, cosine = float(np.mean(agree)), float(np.mean(cos))
+        _check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p["min_top1_agreement"], top1 >= p["min_top1_agreement"])
+        _check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p["min_logit_cosine"], cosine >= p["min_logit_cosine"])
+        int8_tokens, fp32_tokens = lm.greedy(prompt_ids, n), fp32.greedy(prompt_ids, n)
+        cached = lm.greedy(prompt_ids, n, use_cache=False)
+        results["greedy_tokens_matching_fp32"] = sum(x == y for x, y in zip(int8_tokens, fp32_tokens))
+        _check(checks, f"greedy {n} tokens: cache == no cache", cached == int8_tokens, True, cached == int8_tokens)
+    else:
+        model = load_torch_model(ref_dir)
+        with torch.no_grad():
+            ref = model(torch.tensor([eval_ids[:window]])).logits[0].numpy()
+        got = lm.full_logits(eval_ids[:window])
+        diff = float(np.abs(got - ref).max())
+        _check(checks, "logits max abs diff vs PyTorch", diff, p["logits_atol"], diff <= p["logits_atol"])
+        torch_tokens = torch_greedy(model, prompt_ids, n)
+        onnx_tokens = lm.greedy(prompt_ids, n, use_cache=True)
+        _check(checks, f"greedy {n} tokens: ONNX == PyTorch", onnx_tokens == torch_tokens, True, onnx_tokens == torch_tokens)
+        if lm.has_past:
+            no_cache = lm.greedy(prompt_ids, n, use_cache=False)
+            _check(checks, f"greedy {n} tokens: cache == no cache", no_cache == onnx_tokens, True, no_cache == onnx_tokens)
+        results["greedy_tokens"] = onnx_tokens
+        if variant == "pruned":
+            unpruned = load_torch_model(model_dir_of(ctx, spec, "source"))
+            ppl_pruned, ppl_full = perplexity(model, eval_ids, window), perplexity(unpruned, eval_ids, window)
+            ratio = ppl_pruned / ppl_full
+            results["perplexity"] = {"pruned": round(ppl_pruned, 3), "unpruned": round(ppl_full, 3),
+                                     "ratio": round(ratio, 4), "eval_text": p["eval_text"], "tokens": len(eval_ids)}
+            limit = p["max_perplexity_ratio"]
+            _check(checks, "perplexity ratio pruned/unpruned", round(ratio, 4), limit, limit is None or ratio <= limit)
+
+    failed = [c for c in checks if not c["passed"]]
+    results["passed"] = not failed
+    if failed:
+        detail = "; ".join(f"{c['check']}: {c['value']} (limit {c['limit']})" for c in failed)
+        raise ValidationFailed(f"validate:{spec.task_name} failed, nothing published: {detail}")
+    runtime = {
+        "kind": "causal-lm",
+        "tokenizer": TOKENIZER,
+        "eos_token_id": config.get("eos_token_id"),
+        "context_length": context,
+        "vocab_size": config["vocab_size"],
+        "has_past": lm.has_past,
+        "prompt_template": p["prompt_template"],
+    }
+    return {"components": {"decoder": "model.onnx"}, "validation": results, "runtime": runtime}
+
+
+def _walk(spec: StageSpec):
+    yield spec
+    for u in spec.upstream:
+        yield from _walk(u)
