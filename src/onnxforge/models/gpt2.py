@@ -26,6 +26,17 @@ HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenize
 TOKENIZER = "tokenizer.json"
 
 
+def _builder_digest() -> str:
+    import hashlib
+
+    here = Path(__file__).resolve()
+    files = [here, here.parent.parent / "quantize.py", here.parent.parent / "runtime" / "text.py"]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+BUILDER_DIGEST = _builder_digest()
+
+
 class ValidationFailed(RuntimeError):
     """An artifact that does not match its reference: the build stops, nothing is published."""
 
@@ -57,6 +68,8 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
         source_params = {"kind": "path", "path": str(folder), "files": folder_fingerprint(folder)}
 
     def spec(stage, variant, params, upstream, publishes=False, doc=""):
+        # The builder code is part of each stage's identity: editing it rebuilds.
+        params = {**params, "builder": BUILDER_DIGEST}
         return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params=params,
                          fn=f"{__name__}:{stage}_stage", upstream=tuple(upstream), publishes=publishes,
                          doc=doc, extra=extra)
@@ -352,11 +365,20 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
         torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=out_names,
                           dynamic_shapes=tuple(dyn), opset_version=opset, dynamo=True, external_data=big,
                           verbose=False)
-    # Give the attention mask's length a readable symbolic name.
+    # torch.export names derived dims with formulas: give inputs/outputs readable names.
+    total = "past_seq + seq" if with_past else "seq"
+    readable = {"attention_mask": ["batch", total], "logits": ["batch", "seq", cfg.vocab_size]}
     proto = onnx.load(str(path), load_external_data=False)
-    for value in proto.graph.input:
-        if value.name == "attention_mask":
-            value.type.tensor_type.shape.dim[1].dim_param = "past_seq + seq" if with_past else "seq"
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = readable.get(value.name)
+        if value.name.startswith("present."):
+            dims = ["batch", value.type.tensor_type.shape.dim[1].dim_value, total, value.type.tensor_type.shape.dim[3].dim_value]
+        if dims:
+            for dim, new in zip(value.type.tensor_type.shape.dim, dims):
+                if isinstance(new, str):
+                    dim.dim_param = new
+                else:
+                    dim.dim_value = new
     onnx.save(proto, str(path))
 
 
@@ -468,9 +490,9 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         _check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p["min_top1_agreement"], top1 >= p["min_top1_agreement"])
         _check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p["min_logit_cosine"], cosine >= p["min_logit_cosine"])
         int8_tokens, fp32_tokens = lm.greedy(prompt_ids, n), fp32.greedy(prompt_ids, n)
-        cached = lm.greedy(prompt_ids, n, use_cache=False)
+        no_cache = lm.greedy(prompt_ids, n, use_cache=False)
         results["greedy_tokens_matching_fp32"] = sum(x == y for x, y in zip(int8_tokens, fp32_tokens))
-        _check(checks, f"greedy {n} tokens: cache == no cache", cached == int8_tokens, True, cached == int8_tokens)
+        _check(checks, f"greedy {n} tokens: cache == no cache", no_cache == int8_tokens, True, no_cache == int8_tokens)
     else:
         model = load_torch_model(ref_dir)
         with torch.no_grad():
