@@ -38,7 +38,10 @@ def _selected():
 
 def task_build():
     """Build the default recipes, or `recipes=a,b`."""
-    return {"actions": None, "task_dep": publish_task_names(_PLANS, _selected())}
+    chosen = _selected()
+    if not chosen:
+        return {"actions": [lambda: print("no recipe has `default: true`; name some: doit build recipes=a,b")]}
+    return {"actions": None, "task_dep": publish_task_names(_PLANS, chosen)}
 
 
 def task_stages():

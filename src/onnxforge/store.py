@@ -26,6 +26,11 @@ from typing import Any, Callable
 from .runtime.artifact import LATEST, MANIFEST, SCHEMA_VERSION, sha256_file, write_json_atomic
 
 STAGE_MARKER = "stage.json"
+
+
+class ValidationFailed(RuntimeError):
+    """An artifact that does not match its reference: the build stops, nothing is published."""
+
 TOOLCHAIN_PACKAGES = ("onnxforge", "torch", "transformers", "onnx", "onnxruntime", "optimum", "torch-pruning", "tokenizers")
 
 
@@ -215,9 +220,15 @@ def stage_chain(spec: StageSpec) -> list[StageSpec]:
 def run_stage(spec: StageSpec, ctx: StageContext) -> None:
     """Run one stage into its content-addressed folder, atomically."""
     target = spec.target(ctx.root)
-    if target.is_file():
-        return
     out = spec.out_dir(ctx.root)
+    if not target.is_file():
+        _build_stage(spec, ctx, out)
+    if spec.publishes:  # also when an older version becomes current again
+        (out.parent / f".{LATEST}.tmp").write_text(out.name + "\n")
+        os.replace(out.parent / f".{LATEST}.tmp", out.parent / LATEST)
+
+
+def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
     clean_stale_tmp(out.parent)
     with atomic_dir(out) as tmp:
         record = _call(spec.fn)(spec, tmp, ctx) or {}
@@ -227,9 +238,6 @@ def run_stage(spec: StageSpec, ctx: StageContext) -> None:
         else:
             write_json_atomic(tmp / STAGE_MARKER, {"stage": spec.stage, "digest": spec.digest,
                                                    "params": spec.params, **record})
-    if spec.publishes:
-        (out.parent / f".{LATEST}.tmp").write_text(out.name + "\n")
-        os.replace(out.parent / f".{LATEST}.tmp", out.parent / LATEST)
 
 
 def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) -> dict:

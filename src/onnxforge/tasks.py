@@ -29,7 +29,17 @@ def plan_all(recipes_dir: Path, project_dir: Path) -> dict[str, dict[str, StageS
 
 
 def _run(spec: StageSpec, ctx: StageContext):
-    run_stage(spec, ctx)
+    """Expected failures become one clear line in doit's report, not a traceback."""
+    from doit.exceptions import TaskFailed
+
+    from .config import RecipeError
+    from .sources import SourceError
+    from .store import ValidationFailed
+
+    try:
+        run_stage(spec, ctx)
+    except (SourceError, ValidationFailed, RecipeError, FileNotFoundError) as exc:
+        return TaskFailed(f"{spec.stage}:{spec.task_name}: {exc}")
 
 
 def stage_tasks(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import Gpt2Recipe, Recipe, resolve_named_config
 from ..sources import folder_fingerprint, hub_snapshot, local_folder, weights_sha256
-from ..store import StageContext, StageSpec, link_or_copy
+from ..store import StageContext, StageSpec, ValidationFailed, link_or_copy
 from ..runtime.artifact import make_session
 from ..runtime.text import CausalLM
 
@@ -35,10 +35,6 @@ def _builder_digest() -> str:
 
 
 BUILDER_DIGEST = _builder_digest()
-
-
-class ValidationFailed(RuntimeError):
-    """An artifact that does not match its reference: the build stops, nothing is published."""
 
 
 # ---- the plan: recipe -> stage specs ---------------------------------------
@@ -287,7 +283,7 @@ def prune_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     with torch.no_grad():
         diff = float((reloaded(probe).logits - model(probe).logits).abs().max())
     if diff > 1e-5:
-        raise ValidationFailed(f"prune:{spec.task_name}: reloaded pruned model differs from the pruned one (max abs diff {diff:.2e})")
+        raise ValidationFailed(f"reloaded pruned model differs from the pruned one (max abs diff {diff:.2e})")
     recorded["reload_max_abs_diff"] = diff
     return {"model_dir": "model", "recorded": recorded}
 
@@ -520,7 +516,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     results["passed"] = not failed
     if failed:
         detail = "; ".join(f"{c['check']}: {c['value']} (limit {c['limit']})" for c in failed)
-        raise ValidationFailed(f"validate:{spec.task_name} failed, nothing published: {detail}")
+        raise ValidationFailed(f"failed, nothing published: {detail}")
     runtime = {
         "kind": "causal-lm",
         "tokenizer": TOKENIZER,

@@ -1,0 +1,33 @@
+# Two commands on a fresh machine (see README):
+#   make demo   install, build the offline default artifacts, generate a creative prompt
+#   make test   install, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORD ?= lighthouse
+
+.PHONY: setup demo build test bench-medium clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[build,test]"
+	touch $@
+
+build: setup
+	$(VENV)/bin/doit build
+
+demo: build
+	$(VENV)/bin/onnxforge generate "$(WORD)" --seed 0
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+# By hand, not in CI: gpt2-medium architecture with random weights (~6 GB, ~1 h on 2 cores).
+bench-medium: setup
+	$(VENV)/bin/doit build recipes=gpt2-medium-random
+	$(VENV)/bin/onnxforge bench --recipe gpt2-medium-random --out docs/benchmarks/gpt2-medium-random
+
+clean:
+	rm -rf artifacts

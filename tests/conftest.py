@@ -1,0 +1,74 @@
+"""Shared fixtures: the tiny GPT-2 recipe built once per test session, in a tmp project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Project:
+    dir: Path
+
+    @property
+    def recipes(self) -> Path:
+        return self.dir / "recipes"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+    def env(self, **extra) -> dict:
+        env = dict(os.environ)
+        env.update(ONNXFORGE_PROJECT=str(self.dir), ONNXFORGE_RECIPES=str(self.recipes),
+                   ONNXFORGE_ARTIFACTS=str(self.artifacts), PYTHONWARNINGS="ignore")
+        env.update(extra)
+        return env
+
+    def doit(self, *args, check=True, **env_extra) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "--dir", str(self.dir), *args],
+                              capture_output=True, text=True, env=self.env(**env_extra))
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def variant(self, name: str, recipe: str = "gpt2-tiny") -> Path:
+        from onnxforge.runtime.artifact import resolve
+
+        return resolve(self.artifacts / recipe / name)
+
+
+def new_project(root: Path, recipe_files: dict[str, str] | None = None) -> Project:
+    """A project folder with the repo's calibration data and the given recipes (default: the tiny one)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "calibration", root / "calibration")
+    (root / "recipes" / "configs").mkdir(parents=True)
+    for cfg in (REPO / "recipes" / "configs").glob("*.json"):
+        shutil.copy(cfg, root / "recipes" / "configs" / cfg.name)
+    if recipe_files is None:
+        shutil.copy(REPO / "recipes" / "gpt2-tiny.yaml", root / "recipes" / "gpt2-tiny.yaml")
+    else:
+        for name, text in recipe_files.items():
+            (root / "recipes" / f"{name}.yaml").write_text(text)
+    return Project(root)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Project:
+    """The shipped gpt2-tiny recipe, built once with `doit build` (all four variants)."""
+    project = new_project(tmp_path_factory.mktemp("tiny-project"))
+    project.doit("build")
+    return project
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxforge.cli", *args], capture_output=True, text=True,
+                          env=env or dict(os.environ, PYTHONWARNINGS="ignore"))
