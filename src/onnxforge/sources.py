@@ -50,7 +50,7 @@ def local_folder(path: str | Path, project_dir: Path, required: tuple[str, ...] 
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
         raise SourceError(f"source.path: {folder} lacks {', '.join(missing)}; it must be laid out like the Hub repo")
-    if not any(folder.glob(p) for p in WEIGHT_PATTERNS):
+    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
         raise SourceError(f"source.path: {folder} has no weights (*.safetensors or *.bin)")
     return folder
 

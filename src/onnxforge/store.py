@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -228,16 +229,40 @@ def run_stage(spec: StageSpec, ctx: StageContext) -> None:
         os.replace(out.parent / f".{LATEST}.tmp", out.parent / LATEST)
 
 
+def _quiet_libraries() -> None:
+    """The exporters talk a lot (deprecations, skipped torchvision ops); keep the build log readable."""
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
+    import contextlib
+    import io
+    import time
+
+    _quiet_libraries()
     clean_stale_tmp(out.parent)
+    started = time.perf_counter()
     with atomic_dir(out) as tmp:
-        record = _call(spec.fn)(spec, tmp, ctx) or {}
+        chatter = io.StringIO()  # library prints (e.g. torch.onnx's progress) go here, shown only on failure
+        try:
+            with contextlib.redirect_stdout(chatter):
+                record = _call(spec.fn)(spec, tmp, ctx) or {}
+        except BaseException:
+            sys.stdout.write(chatter.getvalue()[-4000:])
+            raise
         if spec.publishes:
             manifest = build_manifest(spec, ctx, tmp, record)
             write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence means complete
         else:
             write_json_atomic(tmp / STAGE_MARKER, {"stage": spec.stage, "digest": spec.digest,
                                                    "params": spec.params, **record})
+    print(f"   {spec.stage}:{spec.task_name} done in {time.perf_counter() - started:.1f} s -> {out}")
 
 
 def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) -> dict:

@@ -137,7 +137,7 @@ def train_briefly(model, token_ids: list[int], steps: int, seed: int, window: in
     window = min(window, len(data) - 1, model.config.n_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for _ in tqdm(range(steps), desc="train tiny model", unit="step", leave=False):
+    for _ in tqdm(range(steps), desc="train tiny model", unit="step", leave=False, disable=None):
         starts = torch.randint(0, len(data) - window - 1, (batch,), generator=gen)
         x = torch.stack([data[s:s + window] for s in starts])
         loss = model(input_ids=x, labels=x).loss
