@@ -175,3 +175,15 @@ def test_build_task_names_follow_stage_colon_artifact(tiny):
     for name in ("source:gpt2-tiny", "prune:gpt2-tiny-pruned", "export:gpt2-tiny-kv", "export:gpt2-tiny-base",
                  "quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-pruned", "bench:gpt2-tiny", "build"):
         assert name in out
+
+
+def test_random_source_is_deterministic():
+    """Same recipe, same weights: seeded init and seeded training (dropout included)."""
+    from onnxforge.models.gpt2 import random_gpt2, train_briefly
+
+    def weights():
+        model = random_gpt2({"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 100}, seed=3)
+        train_briefly(model, list(range(100)) * 3, steps=5, seed=3, window=16, batch=4)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(weights(), weights())

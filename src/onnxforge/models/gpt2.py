@@ -137,15 +137,23 @@ def train_briefly(model, token_ids: list[int], steps: int, seed: int, window: in
     window = min(window, len(data) - 1, model.config.n_positions)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for _ in tqdm(range(steps), desc="train tiny model", unit="step", leave=False, disable=None):
-        starts = torch.randint(0, len(data) - window - 1, (batch,), generator=gen)
-        x = torch.stack([data[s:s + window] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # Dropout draws from the global RNG: seed it too, or the same recipe gives other weights.
+    # One thread: as fast for a tiny model, the same floats on any machine, and
+    # no OpenMP spin-waiting (20x slower) when another process holds a core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in tqdm(range(steps), desc="train tiny model", unit="step", leave=False, disable=None):
+            starts = torch.randint(0, len(data) - window - 1, (batch,), generator=gen)
+            x = torch.stack([data[s:s + window] for s in starts])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.set_num_threads(threads)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def save_tokenizer(model_dir: Path, out_file: Path) -> None:
@@ -213,11 +221,11 @@ def model_dir_of(ctx: StageContext, spec: StageSpec, stage: str) -> Path:
     return path if path.is_absolute() else ctx.upstream_dir(spec, stage) / path
 
 
-def load_torch_model(model_dir: Path):
+def load_torch_model(model_dir: Path, attention: str = "eager"):
+    """Eager attention is the parity reference; export uses "sdpa" (see export_gpt2)."""
     from transformers import GPT2LMHeadModel
 
-    # eager attention: the reference for parity, and it exports with torch.export
-    return GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    return GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation=attention).eval()
 
 
 # ---- prune ------------------------------------------------------------------
@@ -326,7 +334,11 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
 
     Why not optimum's exporter: it cannot export a head-pruned GPT-2 with past
     (it builds the dummy past from n_head), and one exporter for all variants
-    keeps their inputs identical.
+    keeps their inputs identical. Why the "sdpa" attention: GPT-2's eager
+    attention slices a (n_positions x n_positions) causal buffer per layer,
+    which torch.export turns into nested Min/Max shape formulas whose
+    simplification never finished for 24 layers; sdpa takes the causal mask
+    from the attention mask and exports gpt2-medium in about a minute.
     """
     import onnx
     import torch
@@ -334,10 +346,7 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
     cfg = model.config
     names = ["input_ids", "attention_mask", "position_ids"]
     out_names = ["logits"]
-    # position embeddings bound both lengths by the context
-    ctx_len = cfg.n_positions
-    batch = torch.export.Dim("batch")
-    seq, past_seq = torch.export.Dim("seq", max=ctx_len), torch.export.Dim("past_seq", max=ctx_len)
+    batch, seq, past_seq = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past_seq")
     # batch 2 in the example, or torch.export specializes batch to 1
     b, s, p = 2, 5, 3 if with_past else 0
     args = [torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
@@ -381,7 +390,7 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     upstream = "prune" if any(u.stage == "prune" for u in spec.upstream) else "source"
     model_dir = model_dir_of(ctx, spec, upstream)
-    model = load_torch_model(model_dir)
+    model = load_torch_model(model_dir, attention="sdpa")
     export_gpt2(model, out / "model.onnx", spec.params["with_past"], spec.params["opset"])
     save_tokenizer(model_dir, out / TOKENIZER)
     return {"model": "model.onnx", "model_dir": str(model_dir)}
@@ -485,10 +494,12 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         top1, cosine = float(np.mean(agree)), float(np.mean(cos))
         _check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p["min_top1_agreement"], top1 >= p["min_top1_agreement"])
         _check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p["min_logit_cosine"], cosine >= p["min_logit_cosine"])
+        # Recorded, not required: dynamic int8 picks activation scales per call, so a
+        # cached step and a full recompute quantize differently and may diverge.
         int8_tokens, fp32_tokens = lm.greedy(prompt_ids, n), fp32.greedy(prompt_ids, n)
         no_cache = lm.greedy(prompt_ids, n, use_cache=False)
-        results["greedy_tokens_matching_fp32"] = sum(x == y for x, y in zip(int8_tokens, fp32_tokens))
-        _check(checks, f"greedy {n} tokens: cache == no cache", no_cache == int8_tokens, True, no_cache == int8_tokens)
+        results["greedy_tokens_matching_fp32"] = f"{sum(x == y for x, y in zip(int8_tokens, fp32_tokens))}/{n}"
+        results["greedy_tokens_cache_matching_no_cache"] = f"{sum(x == y for x, y in zip(int8_tokens, no_cache))}/{n}"
     else:
         model = load_torch_model(ref_dir)
         with torch.no_grad():
