@@ -72,3 +72,12 @@ def tiny(tmp_path_factory) -> Project:
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxforge.cli", *args], capture_output=True, text=True,
                           env=env or dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+@pytest.fixture(scope="session")
+def sam_tiny(tmp_path_factory) -> Project:
+    """The shipped sam-tiny recipe, built once with `doit build` (fp32 and int8)."""
+    recipe = (REPO / "recipes" / "sam-tiny.yaml").read_text()
+    project = new_project(tmp_path_factory.mktemp("sam-project"), {"sam-tiny": recipe})
+    project.doit("build")
+    return project

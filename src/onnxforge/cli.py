@@ -1,4 +1,4 @@
-"""`onnxforge`: generate text, inspect artifacts, benchmark variants, build recipes.
+"""`onnxforge`: generate text, segment pictures, inspect artifacts, benchmark variants, build recipes.
 
 Only the `build` command touches the build stack (torch & co.); the others
 use the runtime alone, so they work on a machine with the `runtime` extra.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_TEXT_ARTIFACT = "artifacts/gpt2-tiny/kv"
+DEFAULT_SAM_ARTIFACT = "artifacts/sam-tiny/fp32"
 
 
 def _generate(args) -> int:
@@ -112,6 +113,149 @@ def _bench(args) -> int:
     return 0
 
 
+def _numbers(text: str, count: int, flag: str, example: str) -> tuple[float, ...]:
+    """'x,y' -> (x, y); a mistake is one line that shows the expected form."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != count or len(parts) != count:
+        raise ValueError(f"{flag} {text!r}: expected {count} comma-separated numbers, e.g. {flag} {example}")
+    return values
+
+
+class _PromptAction(argparse.Action):
+    """--point and --negative share one ordered list, so `--point x,y --negative` can refer to the point before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prompts = list(getattr(namespace, "prompts", None) or [])
+        prompts.append((option_string, values))
+        namespace.prompts = prompts
+
+
+def _segment_points(prompts) -> tuple[list, list]:
+    points, labels = [], []
+    for flag, value in prompts or []:
+        if flag == "--point":
+            points.append(_numbers(value, 2, "--point", "120,80"))
+            labels.append(1)
+        elif value is not None:  # --negative x,y: a point that is not the object
+            points.append(_numbers(value, 2, "--negative", "40,60"))
+            labels.append(0)
+        elif not points or labels[-1] == 0:
+            raise ValueError("--negative without x,y marks the --point just before it; give --point x,y first")
+        else:
+            labels[-1] = 0
+    return points, labels
+
+
+def _draw_prompts(overlay, points, labels, box):
+    """Mark the prompts on the overlay: green (object) and red (not the object) dots, the box outline."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(overlay)
+    r = max(3, min(overlay.size) // 80)
+    for (x, y), label in zip(points, labels):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(40, 220, 60) if label else (230, 40, 40), outline=(255, 255, 255))
+    if box is not None:
+        draw.rectangle(list(box), outline=(255, 255, 255), width=max(1, r // 2))
+    return overlay
+
+
+def _segment(args) -> int:
+    from .runtime.sam import SamPredictor, save_label_png, save_mask_png
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise FileNotFoundError(f"{image_path}: image file not found")
+    points, labels = _segment_points(args.prompts)
+    box = _numbers(args.box, 4, "--box", "10,20,200,180") if args.box is not None else None
+    if args.everything and (points or box is not None):
+        raise ValueError("--everything finds all objects by itself: leave out --point/--negative/--box")
+    if not args.everything and not points and box is None:
+        raise ValueError("say what to segment: --point x,y (repeatable, --negative for points off the object), "
+                         "--box x0,y0,x1,y1, or --everything")
+    if args.pick is not None and not args.everything:
+        raise ValueError("--pick N chooses among the numbered candidates of --everything; add --everything")
+    if args.pick is not None and args.pick < 1:
+        raise ValueError(f"--pick {args.pick}: candidates are numbered from 1")
+    out = Path(args.out)
+    overlay_path = Path(args.overlay) if args.overlay else out.with_name(f"{out.stem}-overlay.png")
+
+    predictor = SamPredictor(args.artifact, threads=args.threads)
+    predictor.set_image(image_path)  # loads and checks the image (gray/RGBA converted, size limits)
+    record: dict = {"image": str(image_path), "artifact": str(predictor.artifact.dir)}
+    if args.everything:
+        candidates = predictor.segment_everything(points_per_side=args.points_per_side,
+                                                  pred_iou_threshold=args.pred_iou_threshold,
+                                                  stability_threshold=args.stability_threshold)
+        record["candidates"] = [{"number": n, "area": c.area, "score": round(c.score, 4),
+                                 "stability": round(c.stability, 4), "box": list(c.bbox)}
+                                for n, c in enumerate(candidates, start=1)]
+        if args.pick is not None:
+            if not candidates:
+                raise ValueError(f"--pick {args.pick}: no candidates were found in this image")
+            if args.pick > len(candidates):
+                raise ValueError(f"--pick {args.pick}: the image has {len(candidates)} candidate(s), numbered 1 to {len(candidates)}")
+            chosen = candidates[args.pick - 1]
+            save_mask_png(chosen.mask, out)
+            predictor.overlay([chosen.mask], labels=False).save(overlay_path)
+            record.update(picked=args.pick, mask=str(out), area=chosen.area, score=round(chosen.score, 4))
+        else:
+            # No choice yet: --out gets a label map (pixel value = candidate number), the overlay shows the numbers.
+            save_label_png(candidates, predictor.image.shape[:2], out)
+            predictor.overlay(candidates).save(overlay_path)
+            record["labels"] = str(out)
+    else:
+        mask, best, scores = predictor.best_mask(points or None, labels or None, box, multimask=not args.single_mask)
+        save_mask_png(mask, out)
+        _draw_prompts(predictor.overlay([mask], labels=False), points, labels, box).save(overlay_path)
+        record.update(mask=str(out), area=int(mask.sum()), score=round(float(scores[best]), 4),
+                      mask_index=best, scores=[round(float(v), 4) for v in scores])
+    record["overlay"] = str(overlay_path)
+    if args.json:
+        print(json.dumps(record))
+    elif args.everything:
+        print(f"{len(candidates)} candidate object(s) in {image_path} (largest first):")
+        for c in record["candidates"]:
+            print(f"  {c['number']:3d}: {c['area']} px, score {c['score']:.3f}, stability {c['stability']:.3f}, box {tuple(c['box'])}")
+        if args.pick is not None:
+            print(f"picked number {args.pick}: mask {out}, overlay {overlay_path}")
+        else:
+            print(f"numbered overlay {overlay_path}, label map {out}; choose one with --everything --pick N")
+    else:
+        print(f"mask {out} ({record['area']} px, score {record['score']:.3f}), overlay {overlay_path}")
+    return 0
+
+
+def _bench_sam(args) -> int:
+    from .bench_sam import bench_variants
+    from .runtime.artifact import resolve
+
+    if args.artifact:
+        paths = {}
+        for item in args.artifact:
+            name, _, path = item.rpartition("=")
+            paths[name or Path(path).name] = resolve(path)
+    else:
+        recipe_dir = Path(args.artifacts) / args.recipe
+        if not recipe_dir.is_dir():
+            raise ValueError(f"no built recipe {args.recipe!r} under {args.artifacts}: build it first (`doit build recipes={args.recipe}`)")
+        paths = {d.name: resolve(d) for d in sorted(recipe_dir.iterdir())
+                 if d.is_dir() and not d.name.startswith(".") and d.name != "bench"}
+    width, _, height = args.image.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise ValueError(f"--image {args.image!r}: expected WIDTHxHEIGHT, e.g. 1024x768")
+    if args.runs < 1 or args.prompts < 1 or args.points_per_side < 1:
+        raise ValueError("runs, prompts and points per side must be >= 1")
+    out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "sam"
+    bench_variants(paths, out, runs=args.runs, warmup=args.warmup, prompts=args.prompts,
+                   points_per_side=args.points_per_side, image_size=(int(width), int(height)), threads=args.threads)
+    print(f"saved {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
 def _build(args) -> int:
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
@@ -171,6 +315,62 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     b.add_argument("--out", help="folder for bench.json and bench.png (default: artifacts/<recipe>/bench/manual)")
     b.set_defaults(func=_bench)
+
+    sg = sub.add_parser(
+        "segment", help="select an object in a picture with Segment Anything (point, box or numbered candidates)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment an object with a SAM artifact (onnxruntime only): the encoder runs once per image,\n"
+                    "each prompt only runs the decoder. Writes a mask PNG (255 = object) and an overlay PNG.",
+        epilog="examples:\n"
+               "  onnxforge segment photo.png --point 120,80 --out cat.png\n"
+               "  onnxforge segment photo.png --point 120,80 --point 300,90 --negative --out cat.png\n"
+               "  onnxforge segment photo.png --box 40,30,260,210 --out cat.png\n"
+               "  onnxforge segment photo.png --everything --out labels.png      # numbered overlay: pick one\n"
+               "  onnxforge segment photo.png --everything --pick 3 --out cat.png\n"
+               "Coordinates are pixels of the original image, x to the right, y down. Gray and RGBA\n"
+               "pictures are converted to RGB; sides from 2 to 8192 px are accepted.")
+    sg.add_argument("image", help="the picture (PNG, JPEG, ...)")
+    sg.add_argument("--artifact", default=DEFAULT_SAM_ARTIFACT,
+                    help=f"SAM variant folder (newest version) or version folder (default: {DEFAULT_SAM_ARTIFACT})")
+    sg.add_argument("--point", action=_PromptAction, metavar="X,Y", dest="prompts",
+                    help="a point on the object (repeatable)")
+    sg.add_argument("--negative", action=_PromptAction, nargs="?", const=None, metavar="X,Y", dest="prompts",
+                    help="a point NOT on the object: `--negative X,Y`, or bare `--negative` right after "
+                         "a --point to mark that point (repeatable)")
+    sg.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object (top-left, bottom-right); "
+                                                          "combines with points")
+    sg.add_argument("--everything", action="store_true",
+                    help="find every object (grid of point prompts), number them largest first")
+    sg.add_argument("--pick", type=int, metavar="N", help="with --everything: write the mask of candidate number N")
+    sg.add_argument("--single-mask", action="store_true",
+                    help="ask SAM for one mask instead of three and their best (better for several points)")
+    sg.add_argument("--out", default="mask.png", help="mask PNG; with --everything and no --pick a label map "
+                                                      "(pixel value = candidate number) (default: mask.png)")
+    sg.add_argument("--overlay", help="overlay PNG (default: <out>-overlay.png beside --out)")
+    sg.add_argument("--points-per-side", type=int, help="--everything grid size (default: the manifest's)")
+    sg.add_argument("--pred-iou-threshold", type=float, help="--everything: keep masks SAM rates above this "
+                                                             "(<= 0 keeps all; default: the manifest's)")
+    sg.add_argument("--stability-threshold", type=float, help="--everything: keep masks at least this stable "
+                                                              "(<= 0 keeps all; default: the manifest's)")
+    sg.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    sg.add_argument("--json", action="store_true", help="print a JSON record instead of text")
+    sg.set_defaults(func=_segment, prompts=[])
+
+    bs = sub.add_parser("bench-sam", help="benchmark SAM variants (encoder, decoder per prompt, everything mode, RSS)",
+                        description="Each variant in its own process, measured in one run: encoder latency and peak RSS at "
+                                    "the model's input size, decoder latency per prompt, everything-mode time; JSON + table.")
+    what = bs.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", help="benchmark every built variant of this recipe")
+    what.add_argument("--artifact", action="append", help="NAME=PATH of one artifact (repeatable)")
+    bs.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    bs.add_argument("--runs", type=int, default=5, help="timed encoder runs (default 5)")
+    bs.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bs.add_argument("--prompts", type=int, default=20, help="timed point and box prompts each (default 20)")
+    bs.add_argument("--points-per-side", type=int, default=16, help="everything-mode grid (default 16)")
+    bs.add_argument("--image", default="1024x768", help="picture size WIDTHxHEIGHT (default 1024x768)")
+    bs.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    bs.add_argument("--out", help="folder for bench.json and bench.md (default: artifacts/<recipe>/bench/sam)")
+    bs.set_defaults(func=_bench_sam)
 
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")

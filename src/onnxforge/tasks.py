@@ -22,9 +22,9 @@ def project_paths() -> tuple[Path, Path, Path]:
 
 
 def plan_all(recipes_dir: Path, project_dir: Path) -> dict[str, dict[str, StageSpec]]:
-    from .models import gpt2
+    from .models import gpt2, sam
 
-    planners = {"gpt2": gpt2.plan}
+    planners = {"gpt2": gpt2.plan, "sam": sam.plan}
     return {name: planners[r.body.family](r, project_dir) for name, r in load_recipes(recipes_dir).items()}
 
 
