@@ -22,7 +22,7 @@ from .runtime.text import CausalLM
 PROMPT_TEXT = "A quiet harbor at dawn, fishing boats resting on silver water while gulls circle the old stone pier. "
 
 
-def _stats(values_ms: list[float]) -> dict:
+def stats(values_ms: list[float]) -> dict:
     a = np.asarray(values_ms)
     return {"mean": round(float(a.mean()), 3), "p50": round(float(np.percentile(a, 50)), 3),
             "p95": round(float(np.percentile(a, 95)), 3), "n": int(a.size)}
@@ -57,13 +57,13 @@ def bench_one(path: str, runs: int, warmup: int, prompt_tokens: int, new_tokens:
         if i >= warmup:
             prefill.append(first)
             decode.extend(steps)
-    d = _stats(decode)
+    d = stats(decode)
     return {
         "variant": a.manifest["artifact"]["variant"],
         "version": a.manifest["artifact"]["version"],
         "artifact": str(a.dir),
         "load_s": round(load_s, 3),
-        "prefill_ms": _stats(prefill),
+        "prefill_ms": stats(prefill),
         "decode_ms_per_token": d,
         "tokens_per_s": round(1e3 / d["mean"], 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -22,14 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import stats
+
 DECODER_TARGET_MS = 50.0
 INT8_ENCODER_SPEEDUP_TARGET = 1.5
-
-
-def _stats(values_ms: list[float]) -> dict:
-    a = np.asarray(values_ms)
-    return {"mean": round(float(a.mean()), 3), "p50": round(float(np.percentile(a, 50)), 3),
-            "p95": round(float(np.percentile(a, 95)), 3), "n": int(a.size)}
 
 
 def _picture(width: int, height: int, seed: int) -> np.ndarray:
@@ -87,8 +83,8 @@ def bench_one(path: str, runs: int, warmup: int, prompts: int, points_per_side: 
         "artifact": str(predictor.artifact.dir),
         "input_size": predictor.image_size,
         "load_s": round(load_s, 3),
-        "encoder_ms": _stats(encoder),
-        **{f"{k}_ms": _stats(v) for k, v in timings.items()},
+        "encoder_ms": stats(encoder),
+        **{f"{k}_ms": stats(v) for k, v in timings.items()},
         "everything_s": round(everything_s, 3),
         "everything_candidates": len(candidates),
         "encoder_runs": predictor.encoder_runs,

@@ -88,25 +88,30 @@ def _inspect(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from .bench import bench_variants
+def _bench_targets(args) -> dict[str, Path]:
+    """The artifacts a bench command measures: --artifact NAME=PATH items, or every built variant of --recipe."""
     from .runtime.artifact import resolve
 
-    root = Path(args.artifacts)
     if args.artifact:
         paths = {}
         for item in args.artifact:
             name, _, path = item.rpartition("=")
             paths[name or Path(path).name] = resolve(path)
-    else:
-        recipe_dir = root / args.recipe
-        if not recipe_dir.is_dir():
-            raise ValueError(f"no built recipe {args.recipe!r} under {root}: build it first (`doit build recipes={args.recipe}`)")
-        paths = {d.name: resolve(d) for d in sorted(recipe_dir.iterdir())
-                 if d.is_dir() and not d.name.startswith(".") and d.name != "bench"}
+        return paths
+    recipe_dir = Path(args.artifacts) / args.recipe
+    if not recipe_dir.is_dir():
+        raise ValueError(f"no built recipe {args.recipe!r} under {args.artifacts}: build it first (`doit build recipes={args.recipe}`)")
+    return {d.name: resolve(d) for d in sorted(recipe_dir.iterdir())
+            if d.is_dir() and not d.name.startswith(".") and d.name != "bench"}
+
+
+def _bench(args) -> int:
+    from .bench import bench_variants
+
+    paths = _bench_targets(args)
     if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise ValueError("runs must be >= 1, new tokens >= 2 and prompt tokens >= 1")
-    out = Path(args.out) if args.out else root / (args.recipe or "adhoc") / "bench" / "manual"
+    out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "manual"
     bench_variants(paths, out, runs=args.runs, warmup=args.warmup, prompt_tokens=args.prompt_tokens,
                    new_tokens=args.new_tokens, threads=args.threads)
     print(f"saved {out / 'bench.json'} and {out / 'bench.png'}")
@@ -231,19 +236,8 @@ def _segment(args) -> int:
 
 def _bench_sam(args) -> int:
     from .bench_sam import bench_variants
-    from .runtime.artifact import resolve
 
-    if args.artifact:
-        paths = {}
-        for item in args.artifact:
-            name, _, path = item.rpartition("=")
-            paths[name or Path(path).name] = resolve(path)
-    else:
-        recipe_dir = Path(args.artifacts) / args.recipe
-        if not recipe_dir.is_dir():
-            raise ValueError(f"no built recipe {args.recipe!r} under {args.artifacts}: build it first (`doit build recipes={args.recipe}`)")
-        paths = {d.name: resolve(d) for d in sorted(recipe_dir.iterdir())
-                 if d.is_dir() and not d.name.startswith(".") and d.name != "bench"}
+    paths = _bench_targets(args)
     width, _, height = args.image.partition("x")
     if not (width.isdigit() and height.isdigit()):
         raise ValueError(f"--image {args.image!r}: expected WIDTHxHEIGHT, e.g. 1024x768")

@@ -87,8 +87,11 @@ def bench_task(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
         out = ctx.root / recipe / "bench" / digest_of(versions)
 
         def run(variants=variants, out=out):
-            from .bench import bench_variants
-
+            family = next(iter(variants.values())).extra["family"]
+            if family == "sam":
+                from .bench_sam import bench_variants
+            else:
+                from .bench import bench_variants
             bench_variants({v: s.out_dir(ctx.root) for v, s in variants.items()}, out)
 
         yield {

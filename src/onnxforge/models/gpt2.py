@@ -15,26 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Gpt2Recipe, Recipe, resolve_named_config
-from ..sources import folder_fingerprint, hub_snapshot, local_folder, weights_sha256
+from ..config import Gpt2Recipe, Recipe
+from ..sources import weights_sha256
 from ..store import StageContext, StageSpec, ValidationFailed, link_or_copy
 from ..runtime.artifact import make_session
 from ..runtime.text import CausalLM
+from .common import (builder_digest, count_parameters, existing_model_dir, model_dir_of, record_check, source_params,
+                     spec_factory)
 
 EOS = "<|endoftext|>"
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 TOKENIZER = "tokenizer.json"
 
 
-def _builder_digest() -> str:
-    import hashlib
-
-    here = Path(__file__).resolve()
-    files = [here, here.parent.parent / "quantize.py", here.parent.parent / "runtime" / "text.py"]
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-
-
-BUILDER_DIGEST = _builder_digest()
+BUILDER_DIGEST = builder_digest(__file__, "runtime/text.py")
 
 
 # ---- the plan: recipe -> stage specs ---------------------------------------
@@ -49,28 +43,14 @@ def _sha256_text(path: Path) -> str:
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: Gpt2Recipe = recipe.body
-    extra = {"family": "gpt2", "recipe_file": recipe.path, "recipe_digest": recipe.text_digest}
     src = body.source
+    params = source_params(recipe, project_dir)
     if src.kind == "random":
-        r = src.random
-        config = r.config if isinstance(r.config, dict) else resolve_named_config(r.config, Path(recipe.path).parent)
-        corpus = project_dir / r.tokenizer.train_on
-        source_params = {"kind": "random", "config": config, "seed": r.seed, "train_steps": r.train_steps,
-                         "tokenizer": {**r.tokenizer.model_dump(), "corpus_sha256": _sha256_text(corpus)}}
-    elif src.kind == "hub":
-        source_params = {"kind": "hub", "repo": src.hub.repo, "revision": src.hub.revision}
-    else:
-        folder = Path(src.path) if Path(src.path).is_absolute() else project_dir / src.path
-        source_params = {"kind": "path", "path": str(folder), "files": folder_fingerprint(folder)}
-
-    def spec(stage, variant, params, upstream, publishes=False, doc=""):
-        # The builder code is part of each stage's identity: editing it rebuilds.
-        params = {**params, "builder": BUILDER_DIGEST}
-        return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params=params,
-                         fn=f"{__name__}:{stage}_stage", upstream=tuple(upstream), publishes=publishes,
-                         doc=doc, extra=extra)
-
-    source = spec("source", None, source_params, [], doc=f"load {src.kind} weights and tokenizer")
+        corpus = project_dir / src.random.tokenizer.train_on
+        params.update(train_steps=src.random.train_steps,
+                      tokenizer={**src.random.tokenizer.model_dump(), "corpus_sha256": _sha256_text(corpus)})
+    spec = spec_factory(recipe, __name__, "gpt2", BUILDER_DIGEST)
+    source = spec("source", None, params, [], doc=f"load {src.kind} weights and tokenizer")
     validate_common = {**body.validate_.model_dump(),
                        "eval_text_sha256": _sha256_text(project_dir / body.validate_.eval_text),
                        "prompt_template": body.runtime.prompt_template}
@@ -189,36 +169,14 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         tok.save(str(model_dir / TOKENIZER))
         source = {"kind": "random", "seed": p["seed"], "config": config}
         rel = "model"
-    elif p["kind"] == "hub":
-        model_dir = hub_snapshot(p["repo"], p["revision"], HUB_FILES)
-        source = {"kind": "hub", "repo": p["repo"], "revision": p["revision"]}
-        rel = str(model_dir)
     else:
-        model_dir = local_folder(p["path"], ctx.project_dir)
-        source = {"kind": "path", "path": str(model_dir)}
+        model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
         rel = str(model_dir)
     source["weights_sha256"] = weights_sha256(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    recorded["parameters"] = count_parameters_from_dir(model_dir)
+    recorded["parameters"] = count_parameters(model_dir)
     source["architecture"] = {k: config.get(k) for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")}
     return {"model_dir": rel, "source": source, "recorded": recorded}
-
-
-def count_parameters_from_dir(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                total += math.prod(st.get_slice(k).get_shape())
-    return total
-
-
-def model_dir_of(ctx: StageContext, spec: StageSpec, stage: str) -> Path:
-    rec = ctx.upstream_record(spec, stage)
-    path = Path(rec["model_dir"])
-    return path if path.is_absolute() else ctx.upstream_dir(spec, stage) / path
 
 
 def load_torch_model(model_dir: Path, attention: str = "eager"):
@@ -414,10 +372,6 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 # ---- validate + publish ---------------------------------------------------------
 
 
-def _check(checks: list, name: str, value, limit, ok: bool):
-    checks.append({"check": name, "value": value, "limit": limit, "passed": bool(ok)})
-
-
 def torch_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     """Greedy tokens from PyTorch without cache: the reference for both ONNX paths."""
     import torch
@@ -492,8 +446,8 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             agree.append(np.mean(a.argmax(-1) == b.argmax(-1)))
             cos.append(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
         top1, cosine = float(np.mean(agree)), float(np.mean(cos))
-        _check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p["min_top1_agreement"], top1 >= p["min_top1_agreement"])
-        _check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p["min_logit_cosine"], cosine >= p["min_logit_cosine"])
+        record_check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p["min_top1_agreement"], top1 >= p["min_top1_agreement"])
+        record_check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p["min_logit_cosine"], cosine >= p["min_logit_cosine"])
         # Recorded, not required: dynamic int8 picks activation scales per call, so a
         # cached step and a full recompute quantize differently and may diverge.
         int8_tokens, fp32_tokens = lm.greedy(prompt_ids, n), fp32.greedy(prompt_ids, n)
@@ -506,13 +460,13 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             ref = model(torch.tensor([eval_ids[:window]])).logits[0].numpy()
         got = lm.full_logits(eval_ids[:window])
         diff = float(np.abs(got - ref).max())
-        _check(checks, "logits max abs diff vs PyTorch", diff, p["logits_atol"], diff <= p["logits_atol"])
+        record_check(checks, "logits max abs diff vs PyTorch", diff, p["logits_atol"], diff <= p["logits_atol"])
         torch_tokens = torch_greedy(model, prompt_ids, n)
         onnx_tokens = lm.greedy(prompt_ids, n, use_cache=True)
-        _check(checks, f"greedy {n} tokens: ONNX == PyTorch", onnx_tokens == torch_tokens, True, onnx_tokens == torch_tokens)
+        record_check(checks, f"greedy {n} tokens: ONNX == PyTorch", onnx_tokens == torch_tokens, True, onnx_tokens == torch_tokens)
         if lm.has_past:
             no_cache = lm.greedy(prompt_ids, n, use_cache=False)
-            _check(checks, f"greedy {n} tokens: cache == no cache", no_cache == onnx_tokens, True, no_cache == onnx_tokens)
+            record_check(checks, f"greedy {n} tokens: cache == no cache", no_cache == onnx_tokens, True, no_cache == onnx_tokens)
         results["greedy_tokens"] = onnx_tokens
         if variant == "pruned":
             unpruned = load_torch_model(model_dir_of(ctx, spec, "source"))
@@ -521,7 +475,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             results["perplexity"] = {"pruned": round(ppl_pruned, 3), "unpruned": round(ppl_full, 3),
                                      "ratio": round(ratio, 4), "eval_text": p["eval_text"], "tokens": len(eval_ids)}
             limit = p["max_perplexity_ratio"]
-            _check(checks, "perplexity ratio pruned/unpruned", round(ratio, 4), limit, limit is None or ratio <= limit)
+            record_check(checks, "perplexity ratio pruned/unpruned", round(ratio, 4), limit, limit is None or ratio <= limit)
 
     failed = [c for c in checks if not c["passed"]]
     results["passed"] = not failed

@@ -13,17 +13,18 @@ Variants:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Recipe, RecipeError, SamRecipe, resolve_named_config
+from ..config import Recipe, RecipeError, SamRecipe
 from ..runtime.artifact import make_session
 from ..runtime import sam_processing as sp
 from ..runtime.sam import SamPredictor, mask_iou
-from ..sources import SourceError, folder_fingerprint, hub_snapshot, local_folder, weights_sha256
+from ..sources import SourceError, weights_sha256
 from ..store import StageContext, StageSpec, ValidationFailed, link_or_copy
+from .common import (builder_digest, count_parameters, existing_model_dir, model_dir_of, record_check, source_params,
+                     spec_factory)
 
 HUB_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
 PREPROCESSOR = "preprocessor_config.json"
@@ -39,16 +40,7 @@ DECODER_IO = {"image_embeddings": "image_embeddings", "point_coords": "point_coo
               "iou_scores": "iou_scores", "low_res_masks": "low_res_masks"}
 
 
-def _builder_digest() -> str:
-    import hashlib
-
-    here = Path(__file__).resolve()
-    pkg = here.parent.parent
-    files = [here, pkg / "quantize.py", pkg / "runtime" / "sam.py", pkg / "runtime" / "sam_processing.py"]
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-
-
-BUILDER_DIGEST = _builder_digest()
+BUILDER_DIGEST = builder_digest(__file__, "runtime/sam.py", "runtime/sam_processing.py")
 
 
 # ---- the plan: recipe -> stage specs ---------------------------------------
@@ -57,26 +49,12 @@ BUILDER_DIGEST = _builder_digest()
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: SamRecipe = recipe.body
-    extra = {"family": "sam", "recipe_file": recipe.path, "recipe_digest": recipe.text_digest}
     src = body.source
+    params = source_params(recipe, project_dir)
     if src.kind == "random":
-        r = src.random
-        config = r.config if isinstance(r.config, dict) else resolve_named_config(r.config, Path(recipe.path).parent)
-        source_params = {"kind": "random", "config": config, "seed": r.seed, "initializer_range": r.initializer_range}
-    elif src.kind == "hub":
-        source_params = {"kind": "hub", "repo": src.hub.repo, "revision": src.hub.revision}
-    else:
-        folder = Path(src.path) if Path(src.path).is_absolute() else project_dir / src.path
-        source_params = {"kind": "path", "path": str(folder), "files": folder_fingerprint(folder)}
-
-    def spec(stage, variant, params, upstream, publishes=False, doc=""):
-        # The builder code is part of each stage's identity: editing it rebuilds.
-        params = {**params, "builder": BUILDER_DIGEST}
-        return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params=params,
-                         fn=f"{__name__}:{stage}_stage", upstream=tuple(upstream), publishes=publishes,
-                         doc=doc, extra=extra)
-
-    source = spec("source", None, source_params, [], doc=f"load {src.kind} SAM weights")
+        params["initializer_range"] = src.random.initializer_range
+    spec = spec_factory(recipe, __name__, "sam", BUILDER_DIGEST)
+    source = spec("source", None, params, [], doc=f"load {src.kind} SAM weights")
     export = spec("export", "fp32", {"opset": body.export.opset}, [source], doc="export image encoder and prompt decoder")
     validate_common = {**body.validate_.model_dump(mode="json"), "runtime": body.runtime.model_dump(mode="json")}
     out: dict[str, StageSpec] = {}
@@ -137,16 +115,11 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}).save_pretrained(model_dir)
         source = {"kind": "random", "seed": p["seed"], "initializer_range": p["initializer_range"], "config": p["config"]}
         rel = "model"
-    elif p["kind"] == "hub":
-        model_dir = hub_snapshot(p["repo"], p["revision"], HUB_FILES)
-        if not any(model_dir.glob("*.safetensors")):  # only safetensors are fetched (not also the .bin copy)
-            raise SourceError(f"{p['repo']}@{p['revision'][:12]}: the snapshot has no *.safetensors weights; "
-                              f"pin a revision that has model.safetensors or use a local `path:` source")
-        source = {"kind": "hub", "repo": p["repo"], "revision": p["revision"]}
-        rel = str(model_dir)
     else:
-        model_dir = local_folder(p["path"], ctx.project_dir)
-        source = {"kind": "path", "path": str(model_dir)}
+        model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
+        if not any(model_dir.glob("*.safetensors")):  # only safetensors are fetched (not also the .bin copy)
+            raise SourceError(f"{model_dir}: no *.safetensors weights; pin a revision that has model.safetensors "
+                              f"or use a local `path:` source")
         rel = str(model_dir)
     source["weights_sha256"] = weights_sha256(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -155,24 +128,7 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
                               "vision_heads": v.get("num_attention_heads"), "image_size": v.get("image_size"),
                               "patch_size": v.get("patch_size"), "output_channels": v.get("output_channels"),
                               "decoder_hidden_size": d.get("hidden_size")}
-    return {"model_dir": rel, "source": source, "recorded": {"parameters": count_parameters_from_dir(model_dir)}}
-
-
-def count_parameters_from_dir(model_dir: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                total += math.prod(st.get_slice(k).get_shape())
-    return total
-
-
-def model_dir_of(ctx: StageContext, spec: StageSpec) -> Path:
-    rec = ctx.upstream_record(spec, "source")
-    path = Path(rec["model_dir"])
-    return path if path.is_absolute() else ctx.upstream_dir(spec, "source") / path
+    return {"model_dir": rel, "source": source, "recorded": {"parameters": count_parameters(model_dir)}}
 
 
 def load_torch_model(model_dir: Path):
@@ -325,7 +281,7 @@ def _set_output_dims(path: Path, dims: dict[str, list]) -> None:
 
 
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
-    model_dir = model_dir_of(ctx, spec)
+    model_dir = model_dir_of(ctx, spec, "source")
     model = load_torch_model(model_dir)
     export_sam(model, out, spec.params["opset"])
     return {"encoder": ENCODER, "decoder": DECODER, "model_dir": str(model_dir)}
@@ -406,10 +362,6 @@ def torch_reference_masks(model, processor, embeddings, image_sizes, prompt: dic
     return masks.numpy(), out.iou_scores[0, 0].numpy(), out.pred_masks[0, 0].numpy()
 
 
-def _check(checks: list, name: str, value, limit, ok: bool):
-    checks.append({"check": name, "value": value, "limit": limit, "passed": bool(ok)})
-
-
 def runtime_block(config, model_dir: Path, p: dict) -> dict:
     """What the runtime needs, from the model's SamConfig and the recipe: it never imports transformers."""
     vc = config.vision_config
@@ -467,9 +419,9 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             results["prompts"][name] = {"mask_iou_vs_fp32": [round(v, 5) for v in per_mask]}
         mean_iou = float(np.mean(ious))
         results["mask_iou_vs_fp32"] = {"mean": round(mean_iou, 5), "min": round(float(np.min(ious)), 5)}
-        _check(checks, "embedding cosine vs fp32 ONNX", round(cosine, 6), p["min_embedding_cosine"],
+        record_check(checks, "embedding cosine vs fp32 ONNX", round(cosine, 6), p["min_embedding_cosine"],
                cosine >= p["min_embedding_cosine"])
-        _check(checks, "mean mask IoU vs fp32 ONNX (all prompts, all masks)", round(mean_iou, 5), p["min_int8_mask_iou"],
+        record_check(checks, "mean mask IoU vs fp32 ONNX (all prompts, all masks)", round(mean_iou, 5), p["min_int8_mask_iou"],
                mean_iou >= p["min_int8_mask_iou"])
     else:
         model = load_torch_model(model_dir)
@@ -481,7 +433,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         pixels, _, _ = sp.preprocess(image, runtime["image_size"], runtime["pixel_mean"], runtime["pixel_std"])
         results["pixel_values_max_abs_diff"] = float(np.abs(pixels - ref_inputs["pixel_values"].numpy()).max())
         emb_diff = float(np.abs(predictor.embeddings - ref_emb.numpy()).max())
-        _check(checks, "image embeddings max abs diff vs PyTorch", emb_diff, p["embeddings_atol"], emb_diff <= p["embeddings_atol"])
+        record_check(checks, "image embeddings max abs diff vs PyTorch", emb_diff, p["embeddings_atol"], emb_diff <= p["embeddings_atol"])
         worst_iou, worst_logits = 1.0, 0.0
         for name, pr in prompts.items():
             mm = pr.get("multimask", True)
@@ -498,7 +450,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
                                         "iou_scores_max_abs_diff": float(np.abs(scores - ref_scores).max()),
                                         "decoder_logits_max_abs_diff": logits_diff}
         results["decoder_logits_max_abs_diff"] = worst_logits
-        _check(checks, "min mask IoU vs PyTorch (point, points +/-, box, box + point; every mask)", round(worst_iou, 5),
+        record_check(checks, "min mask IoU vs PyTorch (point, points +/-, box, box + point; every mask)", round(worst_iou, 5),
                p["min_mask_iou"], worst_iou >= p["min_mask_iou"])
     results["encoder_runs"] = predictor.encoder_runs  # one: every prompt reused the cached embedding
 
