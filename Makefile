@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORD ?= lighthouse
 
-.PHONY: setup demo build test bench-medium clean
+.PHONY: setup demo build test bench-medium bench-sam-base clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: setup
 bench-medium: setup
 	$(VENV)/bin/doit build recipes=gpt2-medium-random
 	$(VENV)/bin/onnxforge bench --recipe gpt2-medium-random --out docs/benchmarks/gpt2-medium-random
+
+# By hand, not in CI: sam-vit-base architecture with random weights.
+bench-sam-base: setup
+	$(VENV)/bin/doit build recipes=sam-vit-base-random
+	$(VENV)/bin/onnxforge bench-sam --recipe sam-vit-base-random --runs 5 --prompts 20 --points-per-side 16 \
+		--image 1024x768 --out docs/benchmarks/sam-vit-base-random
 
 clean:
 	rm -rf artifacts
