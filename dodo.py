@@ -8,7 +8,7 @@
 
 from doit import get_var
 
-from onnxforge.config import load_recipes
+from onnxforge.config import RecipeError, load_recipes
 from onnxforge.store import StageContext
 from onnxforge.tasks import plan_all, project_paths, publish_task_names, stage_tasks, bench_task
 
@@ -20,8 +20,11 @@ DOIT_CONFIG = {
     "verbosity": 2,
 }
 ARTIFACTS.mkdir(parents=True, exist_ok=True)
-_RECIPES = load_recipes(RECIPES)
-_PLANS = plan_all(RECIPES, PROJECT)
+try:
+    _RECIPES = load_recipes(RECIPES)
+except RecipeError as exc:  # one line, not a traceback from inside doit's loader
+    raise SystemExit(f"error: {exc}") from None
+_PLANS = plan_all(_RECIPES, PROJECT)
 _CTX = StageContext(root=ARTIFACTS, project_dir=PROJECT)
 
 

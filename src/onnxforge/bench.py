@@ -68,9 +68,16 @@ def bench_one(path: str, runs: int, warmup: int, prompt_tokens: int, new_tokens:
         "tokens_per_s": round(1e3 / d["mean"], 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "size_mib": round(a.manifest["artifact"]["bytes_on_disk"] / 2**20, 2),
-        "parameters": next((s.get("parameters_after") or s.get("parameters") for s in a.manifest["stages"]
-                            if s.get("parameters_after") or s.get("parameters")), None),
+        "parameters": parameter_count(a.manifest),
     }
+
+
+def parameter_count(manifest: dict) -> int | None:
+    """Parameters of the model the artifact holds: after pruning if it was pruned."""
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    if "prune" in stages:
+        return stages["prune"].get("parameters_after")
+    return stages.get("source", {}).get("parameters")
 
 
 def bench_variants(paths: dict[str, Path], out_dir: Path, runs: int = 100, warmup: int = 3, prompt_tokens: int = 32,

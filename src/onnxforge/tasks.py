@@ -7,7 +7,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from .config import load_recipes
+from .config import Recipe
 from .store import StageContext, StageSpec, run_stage
 
 STAGE_ORDER = ("source", "prune", "export", "quantize", "validate")
@@ -21,11 +21,11 @@ def project_paths() -> tuple[Path, Path, Path]:
     return project, recipes, artifacts
 
 
-def plan_all(recipes_dir: Path, project_dir: Path) -> dict[str, dict[str, StageSpec]]:
+def plan_all(recipes: dict[str, Recipe], project_dir: Path) -> dict[str, dict[str, StageSpec]]:
     from .models import gpt2, sam
 
     planners = {"gpt2": gpt2.plan, "sam": sam.plan}
-    return {name: planners[r.body.family](r, project_dir) for name, r in load_recipes(recipes_dir).items()}
+    return {name: planners[r.body.family](r, project_dir) for name, r in recipes.items()}
 
 
 def _run(spec: StageSpec, ctx: StageContext):
