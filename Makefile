@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORD ?= lighthouse
 
-.PHONY: setup demo build test bench-medium bench-sam-base clean
+.PHONY: setup demo build test bench-medium bench-sam-base bench-sd-random clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ bench-sam-base: setup
 	$(VENV)/bin/doit build recipes=sam-vit-base-random
 	$(VENV)/bin/onnxforge bench-sam --recipe sam-vit-base-random --runs 5 --prompts 20 --points-per-side 16 \
 		--image 1024x768 --out docs/benchmarks/sam-vit-base-random
+
+# By hand, not in CI, never run yet: SD v1.4 architecture with random weights (calibration included).
+bench-sd-random: setup
+	$(VENV)/bin/doit build recipes=sd-v1-4-random
+	$(VENV)/bin/onnxforge bench-sd --recipe sd-v1-4-random --sizes 256,512 --runs 3 --warmup 1 \
+		--image-size 512 --image-steps 25 --out docs/benchmarks/sd-v1-4-random
 
 clean:
 	rm -rf artifacts

@@ -81,3 +81,12 @@ def sam_tiny(tmp_path_factory) -> Project:
     project = new_project(tmp_path_factory.mktemp("sam-project"), {"sam-tiny": recipe})
     project.doit("build")
     return project
+
+
+@pytest.fixture(scope="session")
+def sd_tiny(tmp_path_factory) -> Project:
+    """The shipped sd-tiny recipe, built once with `doit build` (fp32, int8 static, int8-dynamic)."""
+    recipe = (REPO / "recipes" / "sd-tiny.yaml").read_text()
+    project = new_project(tmp_path_factory.mktemp("sd-project"), {"sd-tiny": recipe})
+    project.doit("build")
+    return project

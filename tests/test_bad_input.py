@@ -23,7 +23,7 @@ source:
 @pytest.mark.parametrize("body, match", [
     ("family: gpt2\nvariants: [kv\n", r"malformed YAML at line \d+, column \d+: expected"),
     ("- just\n- a list\n", r"a recipe is a mapping"),
-    ("family: llama\n", r"family: must be one of gpt2, sam \(got 'llama'\)"),
+    ("family: llama\n", r"family: must be one of gpt2, sam, sd \(got 'llama'\)"),
     (GOOD_HEAD + "variants: {kv: {}}\ncolour: blue\n", r"colour: unknown key; allowed: family, description, default, source"),
     (GOOD_HEAD + "variants: {kv-fast: {}}\n", r"variants\.kv-fast: unknown key; allowed: base, kv, pruned, kv-int8"),
     (GOOD_HEAD + "variants: {kv: {}}\nvalidate: {greedy_tokens: many}\n", r"validate\.greedy_tokens: Input should be a valid integer.*'many'"),
@@ -55,7 +55,7 @@ def test_shipped_recipes_load():
     recipes = load_recipes(REPO / "recipes")
     assert {"gpt2-tiny", "gpt2-medium", "gpt2-medium-random"} <= set(recipes)
     assert recipes["gpt2-medium"].body.source.hub.revision == "6dcaa7a952f72f9298047fd5137cd6e4f05f41da"
-    assert [n for n, r in recipes.items() if r.body.default] == ["gpt2-tiny", "sam-tiny"]
+    assert [n for n, r in recipes.items() if r.body.default] == ["gpt2-tiny", "sam-tiny", "sd-tiny"]
 
 
 def test_offline_hub_source_not_cached_is_one_clear_error(tmp_path, monkeypatch):

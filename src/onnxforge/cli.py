@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEFAULT_TEXT_ARTIFACT = "artifacts/gpt2-tiny/kv"
 DEFAULT_SAM_ARTIFACT = "artifacts/sam-tiny/fp32"
+DEFAULT_SD_RECIPE = "sd-tiny"
 
 
 def _generate(args) -> int:
@@ -234,6 +235,47 @@ def _segment(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """'512' or '512x384' (width x height) -> (width, height)."""
+    w, sep, h = str(text).lower().partition("x")
+    if not w.strip().isdigit() or (sep and not h.strip().isdigit()):
+        raise ValueError(f"--size {text!r}: expected WIDTHxHEIGHT or one number for a square, e.g. --size 512x384")
+    return (int(w), int(h)) if sep else (int(w), int(w))
+
+
+def _imagine(args) -> int:
+    import warnings
+
+    from .runtime.sd import StableDiffusion
+
+    artifact = args.artifact or str(Path(args.artifacts) / args.recipe / args.variant)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the picture is saved as PNG (its settings go in PNG text chunks); use a .png name")
+    width = height = None
+    if args.size is not None:
+        width, height = _size(args.size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sd = StableDiffusion(artifact, threads=args.threads, low_memory=args.low_memory)
+        result = sd.generate(" ".join(args.prompt), args.negative, steps=args.steps, guidance_scale=args.guidance,
+                             width=width, height=height, seed=args.seed, scheduler=args.scheduler,
+                             progress=not args.no_progress and not args.json)
+    for w in caught:
+        if w.category.__module__.startswith("onnxforge"):
+            print(f"onnxforge imagine: warning: {w.message}", file=sys.stderr)
+    path = result.save(out)
+    record = {"image": str(path), **result.settings, "artifact": str(sd.dir), "timings": result.timings,
+              "notes": result.notes}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        s = result.settings
+        print(f"saved {path} ({s['width']}x{s['height']}, seed {s['seed']}, {s['steps']} {s['scheduler']} steps, "
+              f"guidance {s['guidance_scale']:g}, {result.timings['total_s']:.1f} s) from {sd.dir}")
+    return 0
+
+
 def _bench_sam(args) -> int:
     from .bench_sam import bench_variants
 
@@ -247,6 +289,23 @@ def _bench_sam(args) -> int:
     bench_variants(paths, out, runs=args.runs, warmup=args.warmup, prompts=args.prompts,
                    points_per_side=args.points_per_side, image_size=(int(width), int(height)), threads=args.threads)
     print(f"saved {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _bench_sd(args) -> int:
+    from .bench_sd import bench_variants
+
+    paths = _bench_targets(args)
+    try:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes!r}: expected comma-separated pixel sizes, e.g. 256,512") from None
+    if args.runs < 1 or args.warmup < 0 or args.image_steps < 0 or not sizes or min(sizes) < 8:
+        raise ValueError("runs must be >= 1, warmup and image steps >= 0, sizes >= 8 px")
+    out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "sd"
+    bench_variants(paths, out, sizes=sizes, runs=args.runs, warmup=args.warmup, image_size=args.image_size,
+                   image_steps=args.image_steps, image_runs=args.image_runs, threads=args.threads)
+    print(f"saved {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
     return 0
 
 
@@ -365,6 +424,54 @@ def parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     bs.add_argument("--out", help="folder for bench.json and bench.md (default: artifacts/<recipe>/bench/sam)")
     bs.set_defaults(func=_bench_sam)
+
+    im = sub.add_parser(
+        "imagine", help="draw a picture from a prompt with Stable Diffusion (onnxruntime only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Text to image with a Stable Diffusion artifact: numpy + onnxruntime + tokenizers, no torch.\n"
+                    "Settings not given come from the artifact's manifest. The PNG carries the prompt, seed, steps,\n"
+                    "scheduler and artifact versions in its text metadata; the same settings give the same picture.",
+        epilog="examples:\n"
+               "  onnxforge imagine \"a lighthouse at dusk, oil painting\" --seed 3 --out lighthouse.png\n"
+               "  onnxforge imagine \"a red fox in snow\" --steps 30 --size 512x384 --scheduler dpm++2m --variant int8\n"
+               "  onnxforge imagine \"a quiet harbor\" --negative \"blurry, text\" --guidance 9 --low-memory\n"
+               "An empty prompt (\"\") asks for an unconditional sample: the model draws whatever it likes.\n"
+               "Prompts longer than the text encoder reads (75 tokens) are truncated with a warning.")
+    im.add_argument("prompt", nargs="+", help="what to draw")
+    im.add_argument("--negative", default="", help="what to steer away from (used with guidance > 1)")
+    im.add_argument("--steps", type=int, help="denoising steps (default: the manifest's)")
+    im.add_argument("--size", help="WIDTHxHEIGHT or one number for a square, multiples of 8 (default: the manifest's)")
+    im.add_argument("--scheduler", help="pndm, ddim, euler or dpm++2m (default: the manifest's)")
+    im.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 turns it off (default: the manifest's)")
+    im.add_argument("--seed", type=int, help="random seed: the same seed and settings give the same picture (default: random)")
+    im.add_argument("--variant", default="fp32", help="artifact variant under artifacts/<recipe>/ (default: fp32)")
+    im.add_argument("--recipe", default=DEFAULT_SD_RECIPE, help=f"recipe name (default: {DEFAULT_SD_RECIPE})")
+    im.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    im.add_argument("--artifact", help="variant or version folder; overrides --recipe/--variant")
+    im.add_argument("--out", default="image.png", help="PNG to write (default: image.png)")
+    im.add_argument("--low-memory", action="store_true", help="load one submodule at a time (slower, lower peak RSS)")
+    im.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    im.add_argument("--no-progress", action="store_true", help="no progress bar")
+    im.add_argument("--json", action="store_true", help="print a JSON record instead of text")
+    im.set_defaults(func=_imagine)
+
+    bd = sub.add_parser("bench-sd", help="benchmark Stable Diffusion variants (per submodule, per UNet step, whole image)",
+                        description="Each measurement in its own process, all variants in one run: per-submodule latency "
+                                    "and peak RSS, UNet step with guidance (batch 2) at each --sizes, a whole picture, "
+                                    "sizes on disk; JSON + table + PNG chart, figures recorded in each manifest.")
+    what = bd.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", help="benchmark every built variant of this recipe")
+    what.add_argument("--artifact", action="append", help="NAME=PATH of one artifact (repeatable)")
+    bd.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    bd.add_argument("--sizes", default="256,512", help="square picture sizes for the per-submodule runs (default 256,512)")
+    bd.add_argument("--runs", type=int, default=3, help="timed calls per submodule and size (default 3)")
+    bd.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    bd.add_argument("--image-size", type=int, default=None, help="whole-picture size in px (default: the manifest's)")
+    bd.add_argument("--image-steps", type=int, default=25, help="whole-picture steps, 0 = skip (default 25)")
+    bd.add_argument("--image-runs", type=int, default=1, help="whole pictures timed (default 1)")
+    bd.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    bd.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/sd)")
+    bd.set_defaults(func=_bench_sd)
 
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")

@@ -10,7 +10,7 @@ from doit.tools import config_changed
 from .config import Recipe
 from .store import StageContext, StageSpec, run_stage
 
-STAGE_ORDER = ("source", "prune", "export", "quantize", "validate")
+STAGE_ORDER = ("source", "prune", "export", "calibrate", "quantize", "validate")
 
 
 def project_paths() -> tuple[Path, Path, Path]:
@@ -22,9 +22,9 @@ def project_paths() -> tuple[Path, Path, Path]:
 
 
 def plan_all(recipes: dict[str, Recipe], project_dir: Path) -> dict[str, dict[str, StageSpec]]:
-    from .models import gpt2, sam
+    from .models import gpt2, sam, sd
 
-    planners = {"gpt2": gpt2.plan, "sam": sam.plan}
+    planners = {"gpt2": gpt2.plan, "sam": sam.plan, "sd": sd.plan}
     return {name: planners[r.body.family](r, project_dir) for name, r in recipes.items()}
 
 
@@ -90,6 +90,8 @@ def bench_task(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
             family = next(iter(variants.values())).extra["family"]
             if family == "sam":
                 from .bench_sam import bench_variants
+            elif family == "sd":
+                from .bench_sd import bench_variants
             else:
                 from .bench import bench_variants
             bench_variants({v: s.out_dir(ctx.root) for v, s in variants.items()}, out)
