@@ -106,6 +106,14 @@ def _bench_targets(args) -> dict[str, Path]:
             if d.is_dir() and not d.name.startswith(".") and d.name != "bench"}
 
 
+def _add_bench_targets(p: argparse.ArgumentParser) -> None:
+    """The options every bench command shares; `_bench_targets` reads them."""
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", help="benchmark every built variant of this recipe")
+    what.add_argument("--artifact", action="append", help="NAME=PATH of one artifact (repeatable)")
+    p.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+
+
 def _bench(args) -> int:
     from .bench import bench_variants
 
@@ -357,10 +365,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark a recipe's variants (prefill, decode, RSS, size)",
                        description="Each variant in its own process, measured in one run; prints a table, saves JSON + PNG "
                                    "and records the figures in each manifest.")
-    what = b.add_mutually_exclusive_group(required=True)
-    what.add_argument("--recipe", help="benchmark every built variant of this recipe")
-    what.add_argument("--artifact", action="append", help="NAME=PATH of one artifact (repeatable)")
-    b.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    _add_bench_targets(b)
     b.add_argument("--runs", type=int, default=100, help="timed runs per variant (default 100)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
@@ -412,10 +417,7 @@ def parser() -> argparse.ArgumentParser:
     bs = sub.add_parser("bench-sam", help="benchmark SAM variants (encoder, decoder per prompt, everything mode, RSS)",
                         description="Each variant in its own process, measured in one run: encoder latency and peak RSS at "
                                     "the model's input size, decoder latency per prompt, everything-mode time; JSON + table.")
-    what = bs.add_mutually_exclusive_group(required=True)
-    what.add_argument("--recipe", help="benchmark every built variant of this recipe")
-    what.add_argument("--artifact", action="append", help="NAME=PATH of one artifact (repeatable)")
-    bs.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    _add_bench_targets(bs)
     bs.add_argument("--runs", type=int, default=5, help="timed encoder runs (default 5)")
     bs.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     bs.add_argument("--prompts", type=int, default=20, help="timed point and box prompts each (default 20)")
@@ -459,10 +461,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Each measurement in its own process, all variants in one run: per-submodule latency "
                                     "and peak RSS, UNet step with guidance (batch 2) at each --sizes, a whole picture, "
                                     "sizes on disk; JSON + table + PNG chart, figures recorded in each manifest.")
-    what = bd.add_mutually_exclusive_group(required=True)
-    what.add_argument("--recipe", help="benchmark every built variant of this recipe")
-    what.add_argument("--artifact", action="append", help="NAME=PATH of one artifact (repeatable)")
-    bd.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    _add_bench_targets(bd)
     bd.add_argument("--sizes", default="256,512", help="square picture sizes for the per-submodule runs (default 256,512)")
     bd.add_argument("--runs", type=int, default=3, help="timed calls per submodule and size (default 3)")
     bd.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
