@@ -116,8 +116,20 @@ def test_pruned_model_reloads_smaller_and_is_recorded(tiny, loaded):
 
 def test_int8_is_quantized_smaller_and_agrees(loaded):
     a, fp32 = loaded["kv-int8"], loaded["kv"]
-    ops = {n.op_type for n in onnx.load(str(a.component_path("decoder"))).graph.node}
+    graph = onnx.load(str(a.component_path("decoder"))).graph
+    ops = {n.op_type for n in graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert {"FastGelu", "SkipLayerNormalization"} <= ops  # fused before quantizing
+    # the tied lm_head (the MatMul producing the logits) is int8 too, not a float Transpose of wte
+    logits_producer = {o: n for n in graph.node for o in n.output}
+    chain, name = [], "logits"
+    while name in logits_producer and len(chain) < 4:
+        node = logits_producer[name]
+        chain.append(node.op_type)
+        name = node.input[0]
+    assert chain[:3] == ["Mul", "Cast", "MatMulInteger"], chain
+    stage = next(s for s in a.manifest["stages"] if s["stage"] == "quantize")
+    assert stage["materialized_weights"] == 1
     size = lambda x: sum(f["bytes"] for f in x.manifest["components"]["decoder"]["files"])  # noqa: E731
     assert size(a) < size(fp32)
     checks = {c["check"]: c for c in a.manifest["validation"]["checks"]}
@@ -137,14 +149,14 @@ def test_recipe_change_rebuilds_only_what_depends_on_it(tiny):
     original = recipe.read_text()
     old_int8 = tiny.variant("kv-int8")
     try:
-        recipe.write_text(original.replace("kv-int8: {min_top1_agreement: 0.9,", "kv-int8: {per_channel: true, min_top1_agreement: 0.9,"))
+        recipe.write_text(original.replace("kv-int8: {min_top1_agreement: 0.9,", "kv-int8: {quantize_lm_head: false, min_top1_agreement: 0.9,"))
         out = tiny.doit("build").stdout
         ran = sorted(line[3:] for line in out.splitlines() if line.startswith(".  "))
         assert ran == ["quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-kv-int8"]
         new_int8 = tiny.variant("kv-int8")
         assert new_int8 != old_int8 and (old_int8 / art.MANIFEST).is_file()  # old versions stay
         stage = next(s for s in art.read_manifest(new_int8)["stages"] if s["stage"] == "quantize")
-        assert stage["params"]["per_channel"] is True
+        assert stage["params"]["quantize_lm_head"] is False
     finally:
         recipe.write_text(original)
     tiny.doit("build")

@@ -71,7 +71,8 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
                              [export, source], True, "check vs PyTorch, measure perplexity, publish")
         elif name == "kv-int8":
             quant = spec("quantize", name, {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel,
-                                            "reduce_range": cfg.reduce_range, "weight_type": "QInt8"},
+                                            "reduce_range": cfg.reduce_range, "weight_type": "QInt8",
+                                            "quantize_lm_head": cfg.quantize_lm_head, "fuse": cfg.fuse},
                          [kv_export], doc="dynamic int8 of the MatMul weights")
             out[name] = spec("validate", name, {**validate_common, "min_top1_agreement": cfg.min_top1_agreement,
                                                 "min_logit_cosine": cfg.min_logit_cosine},
@@ -357,16 +358,69 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 # ---- quantize -----------------------------------------------------------------
 
 
+def materialize_transposed_weights(proto) -> int:
+    """Replace Transpose(initializer) nodes by a stored transposed initializer; returns how many.
+
+    The tied lm_head is exported as MatMul(hidden, Transpose(wte)); quantize_dynamic only
+    quantizes a MatMul whose weight is an initializer, so it would leave the biggest weight fp32.
+    """
+    from onnx import numpy_helper
+
+    weights = {init.name: init for init in proto.graph.initializer}
+    kept, count = [], 0
+    for node in proto.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in weights:
+            w = numpy_helper.to_array(weights[node.input[0]])
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), node.output[0]))
+            count += 1
+        else:
+            kept.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    return count
+
+
+def fuse_for_cpu(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict:
+    """onnxruntime.transformers' graph fusions (FastGelu, SkipLayerNormalization).
+
+    model_type "bert", not "gpt2": the gpt2 profile crashes on the dynamo export (STACK-NOTES).
+    opt_level 0: only the fusions, no onnxruntime rewrites tied to this machine's CPU.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    optimized.save_model_to_file(str(dst))
+    return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+
+
 def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    import onnx
+
     from ..quantize import dynamic_int8
 
     src = ctx.upstream_dir(spec, "export")
     p = spec.params
-    dynamic_int8(src / "model.onnx", out / "model.onnx", op_types=p["op_types"],
+    recorded = {"fp32_bytes": (src / "model.onnx").stat().st_size}
+    model = src / "model.onnx"
+    if p["quantize_lm_head"]:
+        proto = onnx.load(str(model))
+        recorded["materialized_weights"] = materialize_transposed_weights(proto)
+        model = out / "fp32-prepared.onnx"
+        onnx.save(proto, str(model))
+        del proto
+    if p["fuse"]:
+        config = json.loads((model_dir_of(ctx, spec, "export") / "config.json").read_text())
+        fused = out / "fp32-fused.onnx"
+        recorded["fused"] = fuse_for_cpu(model, fused, config["n_head"], config["n_embd"])
+        model = fused
+    dynamic_int8(model, out / "model.onnx", op_types=p["op_types"],
                  per_channel=p["per_channel"], reduce_range=p["reduce_range"])
+    for tmp in out.glob("fp32-*.onnx"):
+        tmp.unlink()
     link_or_copy(src / TOKENIZER, out / TOKENIZER)
-    return {"model": "model.onnx", "recorded": {"fp32_bytes": (src / "model.onnx").stat().st_size,
-                                                "int8_bytes": (out / "model.onnx").stat().st_size}}
+    recorded["int8_bytes"] = (out / "model.onnx").stat().st_size
+    return {"model": "model.onnx", "recorded": recorded}
 
 
 # ---- validate + publish ---------------------------------------------------------
