@@ -762,8 +762,9 @@ def test_bench_sd_writes_json_table_and_chart(fp32, int8_dynamic, tmp_path):
     from onnxforge.bench_sd import bench_variants
 
     report = bench_variants({"fp32": fp32.dir, "int8-dynamic": int8_dynamic.dir}, tmp_path, sizes=(64,), runs=1,
-                            warmup=0, image_steps=2, update_manifests=False)
+                            warmup=0, image_steps=2, image_low_memory=True, update_manifests=False)
     saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["settings"]["image_low_memory"] is True
     assert saved["variants"].keys() == {"fp32", "int8-dynamic"}
     for r in saved["variants"].values():
         subs = r["submodules"]
@@ -771,8 +772,9 @@ def test_bench_sd_writes_json_table_and_chart(fp32, int8_dynamic, tmp_path):
         assert subs["unet"]["64"]["ms"]["n"] == 1 and subs["unet"]["64"]["peak_rss_mib"] > 0
         assert "77 tokens" in subs["text_encoder"]
         assert r["image"]["steps"] == 2 and r["image"]["size"] == 64 and r["image"]["unet_calls"] == 3
+        assert r["image"]["low_memory"] is True
         assert r["size_mib"] > 0 and set(r["component_mib"]) == set(subs)
     assert saved["variants"]["int8-dynamic"]["modes"]["unet"] == "dynamic"
     assert "unet@64 speedup" in report["ratios"]["int8-dynamic"] and "size_fraction" in report["ratios"]["int8-dynamic"]
-    assert "| fp32" in (tmp_path / "bench.md").read_text() or "fp32" in (tmp_path / "bench.md").read_text()
+    assert "fp32" in (tmp_path / "bench.md").read_text() and "low-memory" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -61,7 +61,7 @@ def bench_one(job: dict) -> dict:
         from .runtime.sd import StableDiffusion
 
         t0 = time.perf_counter()
-        sd = StableDiffusion(a, threads=job["threads"])
+        sd = StableDiffusion(a, threads=job["threads"], low_memory=job.get("low_memory", False))
         load_s = time.perf_counter() - t0
         size, totals, per_step = job["size"], [], []
         for i in range(job["warmup"] + job["runs"]):
@@ -71,7 +71,8 @@ def bench_one(job: dict) -> dict:
                 totals.append(g.timings["total_s"] * 1e3)
                 per_step.append(g.timings["unet_s_per_step"] * 1e3)
         return {"load_s": round(load_s, 3), "image_ms": stats(totals), "unet_step_ms_in_image": stats(per_step),
-                "unet_calls": g.timings["unet_steps"], "peak_rss_mib": _rss_mib()}
+                "unet_calls": g.timings["unet_steps"], "low_memory": job.get("low_memory", False),
+                "peak_rss_mib": _rss_mib()}
     name = job["what"]
     t0 = time.perf_counter()
     session = a.session(name, threads=job["threads"])
@@ -103,7 +104,7 @@ def _child(job: dict) -> dict:
 
 def bench_variants(paths: dict[str, Path], out_dir: Path, sizes: tuple[int, ...] = (256, 512), runs: int = 3,
                    warmup: int = 1, image_size: int | None = None, image_steps: int = 25, image_runs: int = 1,
-                   threads: int | None = None, update_manifests: bool = False) -> dict:
+                   image_low_memory: bool = False, threads: int | None = None, update_manifests: bool = False) -> dict:
     """update_manifests: also write each variant's figures into its manifest's `benchmark` block (off by
     default: `onnxforge inspect` still reads that block in the GPT-2 layout)."""
     from tqdm import tqdm
@@ -128,7 +129,7 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, sizes: tuple[int, ...]
         if image_steps > 0:
             size = image_size or m["runtime"]["width"]  # default: the picture size the recipe ships with
             jobs.append((name, "image", size, {**base, "what": "image", "size": size, "steps": image_steps,
-                                               "runs": image_runs, "warmup": 0}))
+                                               "runs": image_runs, "warmup": 0, "low_memory": image_low_memory}))
     for name, what, size, job in tqdm(jobs, desc="bench", unit="job", disable=None):
         r = _child(job)
         if what == "image":
@@ -139,7 +140,8 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, sizes: tuple[int, ...]
         "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"cpu_count": os.cpu_count(), "ort_threads": threads or "default", "platform": sys.platform},
         "settings": {"sizes": list(sizes), "runs": runs, "warmup": warmup, "image_size": image_size,
-                     "image_steps": image_steps, "image_runs": image_runs, "unet_batch": 2},
+                     "image_steps": image_steps, "image_runs": image_runs,
+                     "image_low_memory": image_low_memory, "unet_batch": 2},
         "variants": results,
         "ratios": ratios(results),
     }
@@ -199,7 +201,8 @@ def table(report: dict) -> str:
                           f"{r['component_mib'].get(sub, 0):.1f}")
         if r["image"]:
             im = r["image"]
-            t.add_row(name, f"whole image ({im['steps']} steps)", str(im["size"]), "", f"{im['image_ms']['mean']:.0f}",
+            mode = "low-memory" if im.get("low_memory") else ""
+            t.add_row(name, f"whole image ({im['steps']} steps)", str(im["size"]), mode, f"{im['image_ms']['mean']:.0f}",
                       f"{im['image_ms']['p50']:.0f}", f"{im['image_ms']['p95']:.0f}", f"{im['peak_rss_mib']:.0f}",
                       f"{im['load_s']:.2f}", f"{r['size_mib']:.1f}")
     buf = StringIO()

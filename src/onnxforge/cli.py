@@ -312,7 +312,8 @@ def _bench_sd(args) -> int:
         raise ValueError("runs must be >= 1, warmup and image steps >= 0, sizes >= 8 px")
     out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "sd"
     bench_variants(paths, out, sizes=sizes, runs=args.runs, warmup=args.warmup, image_size=args.image_size,
-                   image_steps=args.image_steps, image_runs=args.image_runs, threads=args.threads)
+                   image_steps=args.image_steps, image_runs=args.image_runs, image_low_memory=args.low_memory,
+                   threads=args.threads)
     print(f"saved {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
     return 0
 
@@ -468,6 +469,8 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--image-size", type=int, default=None, help="whole-picture size in px (default: the manifest's)")
     bd.add_argument("--image-steps", type=int, default=25, help="whole-picture steps, 0 = skip (default 25)")
     bd.add_argument("--image-runs", type=int, default=1, help="whole pictures timed (default 1)")
+    bd.add_argument("--low-memory", action="store_true",
+                    help="draw the whole picture in low-memory mode (one submodule loaded at a time; its load time counts)")
     bd.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     bd.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/sd)")
     bd.set_defaults(func=_bench_sd)
