@@ -124,6 +124,14 @@ def test_three_variants_published_with_four_components(fp32, int8, int8_dynamic)
     assert files == ["unet.onnx", "unet.onnx.data"]
 
 
+def test_published_external_data_is_a_copy_so_stages_can_still_read_it(sd_tiny, fp32):
+    # onnx refuses external data with several hard links; the quantize stage reads the export's
+    exported = _stage_dir(sd_tiny, fp32.manifest, "export", "fp32") / "unet.onnx"
+    assert (fp32.dir / "unet.onnx.data").stat().st_nlink == 1
+    assert exported.with_suffix(".onnx.data").stat().st_nlink == 1
+    assert len(onnx.load(str(exported)).graph.initializer) > 0  # loads with its external data
+
+
 def test_fp32_parity_vs_pytorch_recorded_per_submodule(fp32):
     v = fp32.manifest["validation"]
     checks = {c["check"]: c for c in v["checks"]}

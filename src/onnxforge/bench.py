@@ -19,6 +19,23 @@ import numpy as np
 from .runtime import artifact as art
 from .runtime.text import CausalLM
 
+
+def machine(threads: int | None) -> dict:
+    """What the figures were measured on: int8 speed depends on the CPU's int8 instructions (VNNI or not)."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return {"cpu": model, "simd": simd, "cpu_count": os.cpu_count(), "ort_threads": threads or "default",
+            "platform": sys.platform}
+
 PROMPT_TEXT = "A quiet harbor at dawn, fishing boats resting on silver water while gulls circle the old stone pier. "
 
 
@@ -94,7 +111,7 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, runs: int = 100, warmu
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     report = {
         "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpu_count": os.cpu_count(), "ort_threads": threads or "default", "platform": sys.platform},
+        "machine": machine(threads),
         "settings": {"runs": runs, "warmup": warmup, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens},
         "variants": results,
         "ratios": ratios(results),
@@ -168,7 +185,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{report['settings']['runs']} runs, {report['machine']['cpu_count']} CPUs, {report['measured']}")
+    fig.suptitle(f"{report['settings']['runs']} runs, {report['machine']['cpu_count']} CPUs ({report['machine'].get('cpu', '?')}), {report['measured']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -14,7 +14,6 @@ int8 encoder >= 1.5x faster than fp32 (a ratio measured in the same run).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import stats
+from .bench import machine, stats
 
 DECODER_TARGET_MS = 50.0
 INT8_ENCODER_SPEEDUP_TARGET = 1.5
@@ -40,12 +39,12 @@ def _rss_mib() -> float:
 
 
 def bench_one(path: str, runs: int, warmup: int, prompts: int, points_per_side: int,
-              image_size: tuple[int, int], threads: int | None) -> dict:
+              image_size: tuple[int, int], threads: int | None, low_memory: bool = False) -> dict:
     """Runs in a child process: load, warm up, time."""
     from .runtime.sam import SamPredictor
 
     t0 = time.perf_counter()
-    predictor = SamPredictor(path, threads=threads)
+    predictor = SamPredictor(path, threads=threads, low_memory=low_memory)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mib()
     width, height = image_size
@@ -97,11 +96,12 @@ def bench_one(path: str, runs: int, warmup: int, prompts: int, points_per_side: 
 
 def bench_variants(paths: dict[str, Path], out_dir: Path, runs: int = 5, warmup: int = 1, prompts: int = 20,
                    points_per_side: int = 16, image_size: tuple[int, int] = (1024, 768),
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, low_memory: bool = False) -> dict:
     results = {}
     for name, path in paths.items():
         args = {"path": str(path), "runs": runs, "warmup": warmup, "prompts": prompts,
-                "points_per_side": points_per_side, "image_size": list(image_size), "threads": threads}
+                "points_per_side": points_per_side, "image_size": list(image_size), "threads": threads,
+                "low_memory": low_memory}
         proc = subprocess.run([sys.executable, "-m", "onnxforge.bench_sam", json.dumps(args)], capture_output=True, text=True)
         if proc.returncode != 0:
             err = proc.stderr.strip().splitlines()
@@ -109,9 +109,9 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, runs: int = 5, warmup:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     report = {
         "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpu_count": os.cpu_count(), "ort_threads": threads or "default", "platform": sys.platform},
+        "machine": machine(threads),
         "settings": {"runs": runs, "warmup": warmup, "prompts": prompts, "points_per_side": points_per_side,
-                     "image": list(image_size)},
+                     "image": list(image_size), "low_memory": low_memory},
         "variants": results,
         "ratios": ratios(results),
         "targets": targets(results),
@@ -151,7 +151,7 @@ def table(report: dict) -> str:
     """A Markdown table (readable in a terminal, pasteable into docs/benchmarks/)."""
     s = report["settings"]
     lines = [f"SAM variants, {s['image'][0]}x{s['image'][1]} picture, {s['runs']} encoder runs, {s['prompts']} prompts, "
-             f"{s['points_per_side']}x{s['points_per_side']} everything grid, {report['machine']['cpu_count']} CPUs, "
+             f"{s['points_per_side']}x{s['points_per_side']} everything grid, {report['machine']['cpu_count']} CPUs ({report['machine'].get('cpu', '?')}), "
              f"{report['measured']}", "",
              "| variant | input px | encoder ms (mean / p95) | decoder ms point / box | predict ms point / box "
              "| everything s (candidates) | peak RSS MiB | encoder MiB | decoder MiB |",
@@ -171,4 +171,4 @@ def table(report: dict) -> str:
 if __name__ == "__main__":  # child process entry: one variant
     a = json.loads(sys.argv[1])
     print(json.dumps(bench_one(a["path"], a["runs"], a["warmup"], a["prompts"], a["points_per_side"],
-                               tuple(a["image_size"]), a["threads"])))
+                               tuple(a["image_size"]), a["threads"], a.get("low_memory", False))))

@@ -15,7 +15,6 @@ variants measured in the same run; nothing here is asserted.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import stats
+from .bench import machine, stats
 
 SUBMODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
@@ -138,7 +137,7 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, sizes: tuple[int, ...]
             results[name]["submodules"].setdefault(what, {})[str(size) if size else "77 tokens"] = r
     report = {
         "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpu_count": os.cpu_count(), "ort_threads": threads or "default", "platform": sys.platform},
+        "machine": machine(threads),
         "settings": {"sizes": list(sizes), "runs": runs, "warmup": warmup, "image_size": image_size,
                      "image_steps": image_steps, "image_runs": image_runs,
                      "image_low_memory": image_low_memory, "unet_batch": 2},
@@ -248,7 +247,7 @@ def plot(report: dict, path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(names, rss, "o--", color="#c44e52")
     ax2.set_ylabel("UNet peak RSS MiB", color="#c44e52")
-    fig.suptitle(f"{report['machine']['cpu_count']} CPUs, {report['measured']}")
+    fig.suptitle(f"{report['machine']['cpu_count']} CPUs ({report['machine'].get('cpu', '?')}), {report['measured']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

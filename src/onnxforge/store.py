@@ -156,8 +156,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a file into a new artifact (no second copy on disk); copy across devices."""
+    """Hard-link a file into a new artifact (no second copy on disk); copy across devices.
+
+    ONNX external data (*.data) is always copied: onnx >= 1.23 refuses to read external data through a
+    file with more than one hard link (a hard-link attack guard), and later stages (quantize) read
+    their upstream's external data.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.name.endswith(".data"):
+        shutil.copy2(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:
