@@ -35,11 +35,11 @@ bench-sam-base: setup
 	$(VENV)/bin/onnxforge bench-sam --recipe sam-vit-base-random --runs 5 --prompts 20 --points-per-side 16 \
 		--image 1024x768 --out docs/benchmarks/sam-vit-base-random
 
-# By hand, not in CI, never run yet: SD v1.4 architecture with random weights (calibration included).
+# By hand, not in CI: SD v1.4 architecture with random weights (calibration included; ~31 min build, ~20 min bench).
 bench-sd-random: setup
 	$(VENV)/bin/doit build recipes=sd-v1-4-random
 	$(VENV)/bin/onnxforge bench-sd --recipe sd-v1-4-random --sizes 256,512 --runs 3 --warmup 1 \
-		--image-size 512 --image-steps 25 --out docs/benchmarks/sd-v1-4-random
+		--image-size 512 --image-steps 25 --low-memory --out docs/benchmarks/sd-v1-4-random
 
 clean:
 	rm -rf artifacts
