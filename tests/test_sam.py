@@ -489,20 +489,20 @@ def test_inconsistent_random_config_is_refused():
 # ---- benchmark script (structure only: benchmarks never assert timings) ----------------
 
 
-def test_low_memory_turns_the_encoder_arena_off(fp32):
+def test_encoder_runs_without_the_arena_unless_asked(fp32):
     from onnxforge.runtime.sam import SamPredictor
 
-    assert SamPredictor(fp32.dir).encoder.get_session_options().enable_cpu_mem_arena is True
-    assert SamPredictor(fp32.dir, low_memory=True).encoder.get_session_options().enable_cpu_mem_arena is False
+    assert SamPredictor(fp32.dir).encoder.get_session_options().enable_cpu_mem_arena is False
+    assert SamPredictor(fp32.dir, low_memory=False).encoder.get_session_options().enable_cpu_mem_arena is True
 
 
 def test_bench_sam_writes_json_and_table(fp32, int8, tmp_path):
     from onnxforge.bench_sam import bench_variants
 
     report = bench_variants({"fp32": fp32.dir, "int8": int8.dir}, tmp_path, runs=1, warmup=0, prompts=2,
-                            points_per_side=2, image_size=(64, 48), low_memory=True)
+                            points_per_side=2, image_size=(64, 48), low_memory=False)
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["settings"]["low_memory"] is True and saved["machine"]["cpu"]
+    assert saved["settings"]["low_memory"] is False and saved["machine"]["cpu"]
     assert saved["variants"].keys() == {"fp32", "int8"}
     for r in saved["variants"].values():
         assert r["encoder_ms"]["n"] == 1 and r["decoder_point_ms"]["n"] == 2 and r["peak_rss_mib"] > 0

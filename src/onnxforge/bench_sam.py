@@ -39,7 +39,7 @@ def _rss_mib() -> float:
 
 
 def bench_one(path: str, runs: int, warmup: int, prompts: int, points_per_side: int,
-              image_size: tuple[int, int], threads: int | None, low_memory: bool = False) -> dict:
+              image_size: tuple[int, int], threads: int | None, low_memory: bool = True) -> dict:
     """Runs in a child process: load, warm up, time."""
     from .runtime.sam import SamPredictor
 
@@ -96,7 +96,7 @@ def bench_one(path: str, runs: int, warmup: int, prompts: int, points_per_side: 
 
 def bench_variants(paths: dict[str, Path], out_dir: Path, runs: int = 5, warmup: int = 1, prompts: int = 20,
                    points_per_side: int = 16, image_size: tuple[int, int] = (1024, 768),
-                   threads: int | None = None, low_memory: bool = False) -> dict:
+                   threads: int | None = None, low_memory: bool = True) -> dict:
     results = {}
     for name, path in paths.items():
         args = {"path": str(path), "runs": runs, "warmup": warmup, "prompts": prompts,
@@ -171,4 +171,4 @@ def table(report: dict) -> str:
 if __name__ == "__main__":  # child process entry: one variant
     a = json.loads(sys.argv[1])
     print(json.dumps(bench_one(a["path"], a["runs"], a["warmup"], a["prompts"], a["points_per_side"],
-                               tuple(a["image_size"]), a["threads"], a.get("low_memory", False))))
+                               tuple(a["image_size"]), a["threads"], a.get("low_memory", True))))
