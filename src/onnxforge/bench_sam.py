@@ -171,4 +171,4 @@ def table(report: dict) -> str:
 if __name__ == "__main__":  # child process entry: one variant
     a = json.loads(sys.argv[1])
     print(json.dumps(bench_one(a["path"], a["runs"], a["warmup"], a["prompts"], a["points_per_side"],
-                               tuple(a["image_size"]), a["threads"], a.get("low_memory", True))))
+                               tuple(a["image_size"]), a["threads"], a["low_memory"])))

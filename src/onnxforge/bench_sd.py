@@ -60,7 +60,7 @@ def bench_one(job: dict) -> dict:
         from .runtime.sd import StableDiffusion
 
         t0 = time.perf_counter()
-        sd = StableDiffusion(a, threads=job["threads"], low_memory=job.get("low_memory", False))
+        sd = StableDiffusion(a, threads=job["threads"], low_memory=job["low_memory"])
         load_s = time.perf_counter() - t0
         size, totals, per_step = job["size"], [], []
         for i in range(job["warmup"] + job["runs"]):
@@ -70,7 +70,7 @@ def bench_one(job: dict) -> dict:
                 totals.append(g.timings["total_s"] * 1e3)
                 per_step.append(g.timings["unet_s_per_step"] * 1e3)
         return {"load_s": round(load_s, 3), "image_ms": stats(totals), "unet_step_ms_in_image": stats(per_step),
-                "unet_calls": g.timings["unet_steps"], "low_memory": job.get("low_memory", False),
+                "unet_calls": g.timings["unet_steps"], "low_memory": job["low_memory"],
                 "peak_rss_mib": _rss_mib()}
     name = job["what"]
     t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def table(report: dict) -> str:
                           f"{r['component_mib'].get(sub, 0):.1f}")
         if r["image"]:
             im = r["image"]
-            mode = "low-memory" if im.get("low_memory") else ""
+            mode = "low-memory" if im["low_memory"] else ""
             t.add_row(name, f"whole image ({im['steps']} steps)", str(im["size"]), mode, f"{im['image_ms']['mean']:.0f}",
                       f"{im['image_ms']['p50']:.0f}", f"{im['image_ms']['p95']:.0f}", f"{im['peak_rss_mib']:.0f}",
                       f"{im['load_s']:.2f}", f"{r['size_mib']:.1f}")
