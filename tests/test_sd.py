@@ -146,6 +146,34 @@ def test_fp32_parity_vs_pytorch_recorded_per_submodule(fp32):
     assert set(export["parity_max_abs_diff"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
 
 
+def test_attention_is_exported_as_onnxruntime_multihead_attention(fp32):
+    for name in ("unet", "vae_decoder", "vae_encoder"):
+        ops = {n.op_type for n in onnx.load(str(fp32.component_path(name)), load_external_data=False).graph.node}
+        assert "MultiHeadAttention" in ops and "Softmax" not in ops, name
+
+
+def test_export_attention_processor_computes_what_diffusers_does(source_dir):
+    """The processor behind fused_attention, in PyTorch, against diffusers' default one on the same weights."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from onnxforge.models.sd import ort_attention_processor
+
+    g = torch.Generator().manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(source_dir / "unet").eval()
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0]),
+            torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))
+    vae = AutoencoderKL.from_pretrained(source_dir / "vae").eval()
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        want = unet(*args).sample, vae.decode(latents).sample
+        unet.set_attn_processor(ort_attention_processor())
+        vae.set_attn_processor(ort_attention_processor())
+        got = unet(*args).sample, vae.decode(latents).sample
+    for w, o in zip(want, got):
+        assert torch.allclose(w, o, atol=1e-5, rtol=0)  # float32 reassociation only
+
+
 def test_second_build_does_nothing(sd_tiny):
     out = sd_tiny.doit("build").stdout
     assert [line for line in out.splitlines() if line.startswith(".  ")] == []
@@ -289,29 +317,32 @@ def _weight_is_quantized(model, node) -> bool:
 
 
 def test_static_int8_is_qdq_and_keeps_the_sensitive_parts_float(int8):
+    from collections import Counter
+
     unet = onnx.load(str(int8.component_path("unet")))
-    nodes = {n.name: n for n in unet.graph.node}
-    ops = {n.op_type for n in unet.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    kept = [n for name, n in nodes.items() if any(f"/{k}/" in name for k in
-                                                  ("conv_in", "conv_out", "conv_shortcut", "time_emb_proj", "time_embedding"))
+    ops = Counter(n.op_type for n in unet.graph.node)
+    assert ops["QuantizeLinear"] and ops["DequantizeLinear"]
+    sensitive = ("conv_in", "conv_out", "conv_shortcut", "time_emb_proj", "time_embedding", "downsamplers.0",
+                 "proj_in", "proj_out")
+    kept = [n for n in unet.graph.node if any(f"/{k}/" in n.name for k in sensitive)
             and n.op_type in ("Conv", "Gemm", "MatMul")]
     assert len(kept) >= 8 and not any(_weight_is_quantized(unet, n) for n in kept)
+    assert {k for n in kept for k in sensitive if f"/{k}/" in n.name} == set(sensitive)
     convs = [n for n in unet.graph.node if n.op_type == "Conv" and n not in kept]
     assert convs and all(_weight_is_quantized(unet, n) for n in convs)
-    weight_matmuls = [n for n in unet.graph.node if n.op_type == "MatMul" and _weight_is_quantized(unet, n)]
-    assert weight_matmuls
-    # Attention score MatMuls (activation x activation) and softmax stay float.
+    # dynamic_op_types: every other weight MatMul became dynamic int8 after the static pass.
     consts = {i.name for i in unet.graph.initializer}
+    assert ops["MatMulInteger"] > 0
+    assert not [n.name for n in unet.graph.node if n.op_type == "MatMul" and n.input[1] in consts and n not in kept]
+    # Attention is onnxruntime's fused MultiHeadAttention, on float inputs.
     prod = _producers(unet)
-    act_mm = [n for n in unet.graph.node if n.op_type == "MatMul" and n.input[1] not in consts
-              and prod.get(n.input[1]) is not None and prod[n.input[1]].op_type != "DequantizeLinear"]
-    assert act_mm and not any(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear"
-                              for n in act_mm for i in n.input)
+    mha = [n for n in unet.graph.node if n.op_type == "MultiHeadAttention"]
+    assert mha and not any(i in prod and prod[i].op_type == "DequantizeLinear" for n in mha for i in n.input)
     quant = next(s for s in int8.manifest["stages"] if s["stage"] == "quantize")
     rec = quant["submodules"]["unet"]
-    assert rec["mode"] == "static" and rec["keep_float"]["conv_in"] == 1 and rec["keep_float"]["time_emb_proj"] >= 4
-    assert rec["calibration_inputs"] == 4 * 11 and rec["activation_matmuls_kept_float"] == len(act_mm)
+    assert rec["mode"] == "static" and rec["dynamic_op_types"] == ["MatMul"]
+    assert rec["keep_float"]["conv_in"] == 1 and rec["keep_float"]["time_emb_proj"] >= 4
+    assert rec["keep_float"]["*/downsamplers.*"] == 1 and rec["calibration_inputs"] == 4 * 11
     for name in ("text_encoder", "vae_decoder", "vae_encoder"):
         model = onnx.load(str(int8.component_path(name)))
         assert any(n.op_type == "DequantizeLinear" for n in model.graph.node), name
@@ -322,6 +353,10 @@ def test_dynamic_int8_quantizes_weight_matmuls_only(fp32, int8_dynamic):
         ops = {n.op_type for n in onnx.load(str(int8_dynamic.component_path(name))).graph.node}
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, name
         assert "ConvInteger" not in ops
+    # The time embedding's Gemms stay float (onnxruntime renames Gemms before it applies exclusions).
+    unet = onnx.load(str(int8_dynamic.component_path("unet")), load_external_data=False)
+    time_nodes = [n for n in unet.graph.node if "/time_embedding/" in n.name or "/time_emb_proj/" in n.name]
+    assert time_nodes and not [n.name for n in time_nodes if n.op_type == "MatMulInteger"]
     sha = lambda a, n: a.manifest["components"][n]["files"][0]["sha256"]  # noqa: E731
     assert sha(fp32, "vae_decoder") == sha(int8_dynamic, "vae_decoder")  # float: the very same file
     q = next(s for s in int8_dynamic.manifest["stages"] if s["stage"] == "quantize")["submodules"]
@@ -666,7 +701,8 @@ def test_keep_float_patterns(fp32):
     path = fp32.component_path("unet")
     model = onnx.load(str(path), load_external_data=False)
     assert match_nodes(model, "conv_in") == ["/unet/conv_in/Conv"]
-    assert len(match_nodes(model, "op:Softmax")) == len([n for n in model.graph.node if n.op_type == "Softmax"]) > 0
+    mha = [n.name for n in model.graph.node if n.op_type == "MultiHeadAttention"]
+    assert match_nodes(model, "op:MultiHeadAttention") == mha != []
     assert match_nodes(model, "*time_emb_proj/Gemm") == match_nodes(model, "time_emb_proj") != []
     assert match_nodes(model, "onv_in") == []  # a module path matches whole segments, not substrings
     excluded, counts = resolve_keep_float(path, ["conv_in", "conv_out", "nothing_here"], strict=False, what="x")
@@ -674,8 +710,9 @@ def test_keep_float_patterns(fp32):
     with pytest.raises(ValueError, match=r"x: keep_float pattern 'time_emb_prj' matches no node of unet\.onnx "
                                          r"\(\d+ nodes\); close: time_emb_proj"):
         resolve_keep_float(path, ["time_emb_prj"], strict=True, what="x")
-    with pytest.raises(ValueError, match=r"keep_float pattern 'op:Softmaxx' matches no node.*close: op:Softmax"):
-        resolve_keep_float(path, ["op:Softmaxx"], strict=True, what="x")
+    with pytest.raises(ValueError, match=r"keep_float pattern 'op:MultiHeadAtention' matches no node.*"
+                                         r"close: op:MultiHeadAttention"):
+        resolve_keep_float(path, ["op:MultiHeadAtention"], strict=True, what="x")
 
 
 @pytest.mark.parametrize("content, match", [
@@ -732,6 +769,10 @@ SD_HEAD = ("family: sd\nsource:\n  random: {config: {}, seed: 0, tokenizer: {tra
     (SD_HEAD + "variants: {fp32: {}}\nquality: {images: 3}\n", r"quality\.images \(3\) exceeds calibration\.held_out \(2\)"),
     (SD_HEAD + "variants: {fp32: {}}\ncalibration: {scheduler: lms}\n", r"calibration\.scheduler: Input should be 'pndm', 'ddim', 'euler' or 'dpm\+\+2m'"),
     (SD_HEAD + "variants: {fp32: {}}\nvalidate: {sizes: [[64, 60]]}\n", r"validate\.sizes\.0\.1: Input should be a multiple of 8"),
+    (SD_HEAD + "variants: {q: {unet: {mode: dynamic, dynamic_op_types: [MatMul]}}}\n",
+     r"variants\.q\.unet: dynamic_op_types is for mode static \(then dynamic\); with mode dynamic use op_types"),
+    (SD_HEAD + "variants: {q: {unet: {mode: static, op_types: [Conv, MatMul], dynamic_op_types: [MatMul]}}}\n",
+     r"\['MatMul'\] in both op_types and dynamic_op_types"),
 ])
 def test_bad_sd_recipe_is_one_line(tmp_path, body, match):
     path = tmp_path / "broken.yaml"

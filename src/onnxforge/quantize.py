@@ -13,9 +13,12 @@ def dynamic_int8(src: Path, dst: Path, op_types=("MatMul",), per_channel=False, 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     total = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))
+    # Dynamic mode first rewrites every Gemm as a MatMul named "<gemm>_MatMul" (+ Add) and only then
+    # applies nodes_to_exclude, so an excluded Gemm (the UNet's time embedding) would be quantized anyway.
+    excluded = [*nodes_to_exclude, *(f"{n}_MatMul" for n in nodes_to_exclude)]
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
                      reduce_range=reduce_range, weight_type=QuantType[weight_type],
-                     nodes_to_exclude=list(nodes_to_exclude),
+                     nodes_to_exclude=excluded,
                      use_external_data_format=total > EXTERNAL_DATA_THRESHOLD)
 
 
