@@ -381,8 +381,8 @@ class SdQuant(Strict):
     dynamic_op_types: tuple[Literal["MatMul", "Gemm"], ...] = ()
     # Nodes kept in float: a module path segment ("conv_in", "down_blocks.0/resnets.0/conv1"), a glob
     # over node names ("*time_emb*"), or "op:Softmax". None: the family's defaults for this submodule
-    # (UNet: time embedding and its projections, conv_in, conv_out, conv_shortcut, softmax). A pattern
-    # given here that matches no node fails the build.
+    # (UNet: time embedding and its projections, conv_in, conv_out, conv_shortcut, down-samplers,
+    # proj_in/proj_out, softmax). A pattern given here that matches no node fails the build.
     keep_float: tuple[str, ...] | None = None
     # Floors on the mean over held-out inputs of this submodule's outputs vs fp32 (None: record only).
     min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
