@@ -130,6 +130,28 @@ def test_fp32_validation_recorded_parity(fp32):
     assert v["pixel_values_max_abs_diff"] <= 1e-6
 
 
+def test_encoder_attention_is_exported_as_onnxruntime_multihead_attention(fp32, int8):
+    for a in (fp32, int8):
+        ops = {n.op_type for n in onnx.load(str(a.component_path("encoder"))).graph.node}
+        assert "MultiHeadAttention" in ops and "Softmax" not in ops
+
+
+def test_fused_encoder_attention_computes_what_transformers_does(sam_tiny, fp32):
+    """fuse_vision_attention in PyTorch against transformers' own attention, on the same weights."""
+    from onnxforge.models.sam import fuse_vision_attention
+
+    digest = next(s["digest"] for s in fp32.manifest["stages"] if s["stage"] == "source")
+    model_dir = sam_tiny.artifacts / "sam-tiny" / ".stages" / f"source-all-{digest}" / "model"
+    model = SamModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.vision_encoder(pixels).last_hidden_state
+        fuse_vision_attention(model)
+        got = model.vision_encoder(pixels).last_hidden_state
+    assert torch.allclose(want, got, atol=1e-5, rtol=0)  # float32 reassociation only
+
+
 def test_int8_encoder_is_quantized_and_its_agreement_recorded(fp32, int8):
     ops = {n.op_type for n in onnx.load(str(int8.component_path("encoder"))).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops

@@ -219,12 +219,21 @@ class SamVariants(Strict):
         return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
 
 
+class SamExportConfig(Strict):
+    opset: int = Field(default=18, ge=14, le=23)
+    # Encoder attention as onnxruntime's MultiHeadAttention with the decomposed relative-position bias
+    # as its attention_bias: one kernel for scores + bias + softmax + mixing instead of six ops and as
+    # many full-size tensors. Measured on the ViT-B encoder at 1024 px (AVX2): fp32 -12 %, int8 -19 %.
+    # false: plain ONNX ops, for other runtimes.
+    fused_attention: bool = True
+
+
 class SamRecipe(Strict):
     family: Literal["sam"]
     description: str = ""
     default: bool = False  # built by a plain `doit build`
     source: SamSource
-    export: ExportConfig = ExportConfig()
+    export: SamExportConfig = SamExportConfig()
     validate_: SamValidateConfig = Field(default=SamValidateConfig(), alias="validate")
     runtime: SamRuntimeConfig = SamRuntimeConfig()
     variants: SamVariants

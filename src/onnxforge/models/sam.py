@@ -2,6 +2,7 @@
 
 Two ONNX components per artifact:
     encoder  pixel_values (1, 3, S, S) -> image_embeddings (1, C, S/16, S/16); once per image
+             (attention as onnxruntime's MultiHeadAttention unless export.fused_attention is false)
     decoder  image_embeddings + point_coords (1, P, N, 2) + point_labels (1, P, N)
              -> iou_scores (1, P, 4), low_res_masks (1, P, 4, S/4, S/4); once per prompt
 Variants:
@@ -55,7 +56,8 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
         params["initializer_range"] = src.random.initializer_range
     spec = spec_factory(recipe, __name__, "sam", BUILDER_DIGEST)
     source = spec("source", None, params, [], doc=f"load {src.kind} SAM weights")
-    export = spec("export", "fp32", {"opset": body.export.opset}, [source], doc="export image encoder and prompt decoder")
+    export = spec("export", "fp32", body.export.model_dump(mode="json"), [source],
+                  doc="export image encoder and prompt decoder")
     validate_common = {**body.validate_.model_dump(mode="json"), "runtime": body.runtime.model_dump(mode="json")}
     out: dict[str, StageSpec] = {}
     for name, cfg in body.variants.enabled().items():
@@ -235,21 +237,75 @@ def _decoder_wrapper(model):
     return PromptDecoder()
 
 
-def export_sam(model, out: Path, opset: int) -> None:
+def fuse_vision_attention(model) -> None:
+    """Make each encoder attention export as onnxruntime's MultiHeadAttention (export.fused_attention).
+
+    transformers' SamVisionAttention computes scores, adds the decomposed relative-position bias
+    (rel_h[..., None] + rel_w[..., None, :]) and applies softmax as separate ops, each writing a full
+    heads x 4096 x 4096 tensor in the global-attention layers. Here the same bias is built once and
+    handed to MultiHeadAttention as its attention_bias. PyTorch computes the same attention (sdpa
+    with that bias as an additive mask), so the export's parity check still holds it to the model.
+    """
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
+
+    class MultiHeadAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, bias, heads: int, scale: float):  # q, k, v (B, S, D); bias (B, heads, S, S)
+            def split(x):
+                return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias, scale=scale)
+            return out.transpose(1, 2).reshape(q.shape)
+
+        @staticmethod
+        def symbolic(g, q, k, v, bias, heads, scale):
+            absent = _optional_input_placeholder_tensor(g)  # MultiHeadAttention's bias and key_padding_mask
+            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, absent, absent, bias, num_heads_i=heads,
+                       scale_f=scale)
+            out.setType(q.type())
+            return out
+
+    def forward(self, hidden_states, output_attentions=None):  # SamVisionAttention.forward, fused
+        batch, height, width, dim = hidden_states.shape
+        heads = self.num_attention_heads
+        q, k, v = self.qkv(hidden_states).reshape(batch, height * width, 3, dim).unbind(2)
+        per_head_q = q.reshape(batch, height * width, heads, -1).transpose(1, 2).reshape(batch * heads, height * width, -1)
+        bias = self.get_decomposed_rel_pos(per_head_q, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width))
+        out = MultiHeadAttention.apply(q, k, v, bias.reshape(batch, heads, height * width, height * width), heads,
+                                       float(self.scale))
+        return self.proj(out.reshape(batch, height, width, dim)), None
+
+    for layer in model.vision_encoder.layers:
+        if not layer.attn.use_rel_pos:
+            raise NotImplementedError("fused_attention expects SAM's relative-position attention; "
+                                      "set export.fused_attention: false for this model")
+        layer.attn.forward = types.MethodType(forward, layer.attn)
+
+
+def export_sam(model, out: Path, opset: int, fused_attention: bool = False) -> None:
     """torch.onnx.export (TorchScript) of the encoder and the prompt decoder.
 
     Why TorchScript rather than dynamo: both give the same numbers here (embeddings
     and masks to ~1e-5 of PyTorch), but dynamo took ~25 s for the tiny model and
     TorchScript ~3 s; the graphs have no data-dependent control flow, and their
     dynamic dims (prompts, points per prompt) are plain dynamic_axes.
+    fused_attention: the encoder's attention as MultiHeadAttention (fuse_vision_attention).
     """
     import torch
 
     vc = model.config.vision_config
     pixels = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size)
     with torch.no_grad():
-        torch.onnx.export(_encoder_wrapper(model), (pixels,), str(out / ENCODER), input_names=[ENCODER_IO["input"]],
-                          output_names=[ENCODER_IO["output"]], opset_version=opset, dynamo=False)
+        encoder = _encoder_wrapper(model)
+        if fused_attention:
+            fuse_vision_attention(model)
+        torch.onnx.export(encoder, (pixels,), str(out / ENCODER), input_names=[ENCODER_IO["input"]],
+                          output_names=[ENCODER_IO["output"]], opset_version=opset, dynamo=False,
+                          custom_opsets={"com.microsoft": 1} if fused_attention else None)
         embeddings = model.get_image_embeddings(pixels)
         # Example: 2 prompts x 3 tokens (a point, a negative point, SAM's padding point).
         coords = torch.tensor([[[[10.0, 20.0], [30.0, 5.0], [0.0, 0.0]]] * 2])
@@ -283,7 +339,7 @@ def _set_output_dims(path: Path, dims: dict[str, list]) -> None:
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     model_dir = model_dir_of(ctx, spec, "source")
     model = load_torch_model(model_dir)
-    export_sam(model, out, spec.params["opset"])
+    export_sam(model, out, spec.params["opset"], spec.params["fused_attention"])
     return {"encoder": ENCODER, "decoder": DECODER, "model_dir": str(model_dir)}
 
 
