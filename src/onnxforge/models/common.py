@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -76,3 +77,43 @@ def count_parameters(model_dir: Path) -> int:
 
 def record_check(checks: list, name: str, value, limit, ok: bool) -> None:
     checks.append({"check": name, "value": value, "limit": limit, "passed": bool(ok)})
+
+
+ORT_CUSTOM_OPSETS = {"com.microsoft": 1}  # torch.onnx.export's custom_opsets for the op below
+
+
+@functools.cache
+def ort_multihead_attention():
+    """A torch.autograd.Function `apply(q, k, v, bias, heads, scale)` that exports as onnxruntime's
+    com.microsoft::MultiHeadAttention (TorchScript exporter).
+
+    q (B, S, D), k and v (B, T, D) with the heads side by side in D; bias None or an additive
+    (B, heads, S, T) attention_bias. PyTorch computes it with scaled_dot_product_attention, so parity
+    checks compare the export with the model's own math. Why the fused op: onnxruntime runs it in one
+    kernel (a tiled flash-attention kernel when there is no bias) instead of writing the full score
+    matrix between MatMul, Add and Softmax; each family's export.fused_attention says what it measured.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _is_none, _optional_input_placeholder_tensor
+
+    class MultiHeadAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, bias, heads: int, scale: float):
+            def split(x):
+                return x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias, scale=scale)
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
+
+        @staticmethod
+        def symbolic(g, q, k, v, bias, heads, scale):
+            inputs = [q, k, v]
+            if bias is not None and not _is_none(bias):
+                absent = _optional_input_placeholder_tensor(g)  # the op's packed-QKV bias and key_padding_mask
+                inputs += [absent, absent, bias]
+            out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=heads, scale_f=scale)
+            out.setType(q.type())  # (B, S, D): v has q's width in the models that use it
+            return out
+
+    return MultiHeadAttention

@@ -24,8 +24,8 @@ from ..runtime import sam_processing as sp
 from ..runtime.sam import SamPredictor, mask_iou
 from ..sources import SourceError, weights_sha256
 from ..store import StageContext, StageSpec, ValidationFailed, link_or_copy
-from .common import (builder_digest, count_parameters, existing_model_dir, model_dir_of, record_check, source_params,
-                     spec_factory)
+from .common import (ORT_CUSTOM_OPSETS, builder_digest, count_parameters, existing_model_dir, model_dir_of,
+                     ort_multihead_attention, record_check, source_params, spec_factory)
 
 HUB_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
 PREPROCESSOR = "preprocessor_config.json"
@@ -248,26 +248,7 @@ def fuse_vision_attention(model) -> None:
     """
     import types
 
-    import torch
-    import torch.nn.functional as F
-    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
-
-    class MultiHeadAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, bias, heads: int, scale: float):  # q, k, v (B, S, D); bias (B, heads, S, S)
-            def split(x):
-                return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-            out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias, scale=scale)
-            return out.transpose(1, 2).reshape(q.shape)
-
-        @staticmethod
-        def symbolic(g, q, k, v, bias, heads, scale):
-            absent = _optional_input_placeholder_tensor(g)  # MultiHeadAttention's bias and key_padding_mask
-            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, absent, absent, bias, num_heads_i=heads,
-                       scale_f=scale)
-            out.setType(q.type())
-            return out
+    MultiHeadAttention = ort_multihead_attention()
 
     def forward(self, hidden_states, output_attentions=None):  # SamVisionAttention.forward, fused
         batch, height, width, dim = hidden_states.shape
@@ -305,7 +286,7 @@ def export_sam(model, out: Path, opset: int, fused_attention: bool = False) -> N
             fuse_vision_attention(model)
         torch.onnx.export(encoder, (pixels,), str(out / ENCODER), input_names=[ENCODER_IO["input"]],
                           output_names=[ENCODER_IO["output"]], opset_version=opset, dynamo=False,
-                          custom_opsets={"com.microsoft": 1} if fused_attention else None)
+                          custom_opsets=ORT_CUSTOM_OPSETS if fused_attention else None)
         embeddings = model.get_image_embeddings(pixels)
         # Example: 2 prompts x 3 tokens (a point, a negative point, SAM's padding point).
         coords = torch.tensor([[[[10.0, 20.0], [30.0, 5.0], [0.0, 0.0]]] * 2])

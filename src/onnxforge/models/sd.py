@@ -41,8 +41,8 @@ from ..config import SD_SUBMODULES, Recipe, RecipeError, SdRecipe
 from ..runtime.artifact import make_session
 from ..sources import SourceError
 from ..store import StageContext, StageSpec, ValidationFailed, atomic_dir, clean_stale_tmp, link_or_copy
-from .common import (builder_digest, count_parameters, existing_model_dir, model_dir_of, record_check, source_params,
-                     spec_factory)
+from .common import (ORT_CUSTOM_OPSETS, builder_digest, count_parameters, existing_model_dir, model_dir_of,
+                     ort_multihead_attention, record_check, source_params, spec_factory)
 
 # Only what the four submodules need: not the 4-7 GB .ckpt files, fp16 copies or the safety checker.
 HUB_FILES = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
@@ -294,23 +294,7 @@ def ort_attention_processor():
     default processor, so parity checks compare like with like. Covers what SD v1.x's UNet and VAE
     use (self/cross attention, group norm, residual); anything else raises rather than exports wrong.
     """
-    import torch
-    import torch.nn.functional as F
-
-    class MultiHeadAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, heads: int, scale: float):  # (B, S, D) each; heads split D
-            def split(x):
-                return x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
-
-            out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
-            return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
-
-        @staticmethod
-        def symbolic(g, q, k, v, heads, scale):
-            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
-            out.setType(q.type())  # same (B, S, D) as q here (v has q's width in SD)
-            return out
+    MultiHeadAttention = ort_multihead_attention()
 
     class OrtAttentionProcessor:
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
@@ -326,7 +310,7 @@ def ort_attention_processor():
             if attn.group_norm is not None:
                 hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-            out = MultiHeadAttention.apply(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context),
+            out = MultiHeadAttention.apply(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), None,
                                            attn.heads, float(attn.scale))
             out = attn.to_out[1](attn.to_out[0](out))
             if image:
@@ -511,6 +495,7 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
         f = info["vae_scale_factor"]
         side = (2 * info["unet_up_factor"] + 1) * f
         width = height = side
+    fused = p["fused_attention"] and name != "text_encoder"  # CLIP's attention stays as exported
     example = example_inputs(name, info, batch, width, height, token_ids, seed=0)
     args = tuple(torch.from_numpy(v) for v in example.values())
     scratch = out / f".export-{name}"
@@ -520,7 +505,8 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
             torch.onnx.export(module, args, str(scratch / "model.onnx"), input_names=IO[name]["inputs"],
                               output_names=IO[name]["outputs"],
                               dynamic_axes=dynamic_axes(name, p["dynamic_batch"], p["dynamic_size"]),
-                              opset_version=p["opset"], dynamo=False, custom_opsets={"com.microsoft": 1})
+                              opset_version=p["opset"], dynamo=False,
+                              custom_opsets=ORT_CUSTOM_OPSETS if fused else None)
         _fix_output_dims(scratch / "model.onnx", name, info, batch, width, height,
                          dynamic_axes(name, p["dynamic_batch"], p["dynamic_size"]))
         n_bytes = sum(f.stat().st_size for f in scratch.iterdir())
