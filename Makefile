@@ -32,13 +32,13 @@ bench-medium: setup
 # By hand, not in CI: sam-vit-base architecture with random weights.
 bench-sam-base: setup
 	$(VENV)/bin/doit build recipes=sam-vit-base-random
-	$(VENV)/bin/onnxforge bench-sam --recipe sam-vit-base-random --runs 5 --prompts 20 --points-per-side 16 \
+	$(VENV)/bin/onnxforge bench --recipe sam-vit-base-random --runs 5 --prompts 20 --points-per-side 16 \
 		--image 1024x768 --out docs/benchmarks/sam-vit-base-random
 
 # By hand, not in CI: SD v1.4 architecture with random weights (calibration included; ~31 min build, ~20 min bench).
 bench-sd-random: setup
 	$(VENV)/bin/doit build recipes=sd-v1-4-random
-	$(VENV)/bin/onnxforge bench-sd --recipe sd-v1-4-random --sizes 256,512 --runs 3 --warmup 1 \
+	$(VENV)/bin/onnxforge bench --recipe sd-v1-4-random --sizes 256,512 --runs 3 --warmup 1 \
 		--image-size 512 --image-steps 25 --low-memory --out docs/benchmarks/sd-v1-4-random
 
 clean:

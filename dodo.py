@@ -4,13 +4,18 @@
     doit build recipes=gpt2-medium   named recipes (comma-separated)
     doit validate:gpt2-tiny-kv       one artifact, with what it needs
     doit bench:gpt2-tiny             benchmark a recipe's variants (not part of build)
+
+A broken recipe is reported in one line and left out; the others still build. Naming it fails.
 """
+
+import sys
+
 
 from doit import get_var
 
-from onnxforge.config import RecipeError, load_recipes
+from onnxforge.config import load_recipes
 from onnxforge.store import StageContext
-from onnxforge.tasks import plan_all, project_paths, publish_task_names, stage_tasks, bench_task
+from onnxforge.tasks import bench_task, plan_all, project_paths, publish_task_names, stage_tasks
 
 PROJECT, RECIPES, ARTIFACTS = project_paths()
 DOIT_CONFIG = {
@@ -20,11 +25,11 @@ DOIT_CONFIG = {
     "verbosity": 2,
 }
 ARTIFACTS.mkdir(parents=True, exist_ok=True)
-try:
-    _RECIPES = load_recipes(RECIPES)
-except RecipeError as exc:  # one line, not a traceback from inside doit's loader
-    raise SystemExit(f"error: {exc}") from None
-_PLANS = plan_all(_RECIPES, PROJECT)
+_BROKEN: dict[str, str] = {}  # recipe name -> one line saying what is wrong
+_RECIPES = load_recipes(RECIPES, errors=_BROKEN)
+_PLANS = plan_all(_RECIPES, PROJECT, errors=_BROKEN)
+for _line in _BROKEN.values():  # one line each, not a traceback from inside doit's loader
+    print(f"warning: skipping a broken recipe: {_line}", file=sys.stderr)
 _CTX = StageContext(root=ARTIFACTS, project_dir=PROJECT)
 
 
@@ -32,11 +37,14 @@ def _selected():
     named = get_var("recipes", "")
     if named:
         chosen = [n.strip() for n in named.split(",") if n.strip()]
-        unknown = [n for n in chosen if n not in _RECIPES]
+        broken = [n for n in chosen if n in _BROKEN]
+        if broken:
+            raise SystemExit("error: " + "; ".join(_BROKEN[n] for n in broken))
+        unknown = [n for n in chosen if n not in _PLANS]
         if unknown:
-            raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(_RECIPES)}")
+            raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(_PLANS)}")
         return chosen
-    return [n for n, r in _RECIPES.items() if r.body.default]
+    return [n for n, r in _RECIPES.items() if r.body.default and n in _PLANS]
 
 
 def task_build():

@@ -61,32 +61,32 @@ def new_project(root: Path, recipe_files: dict[str, str] | None = None) -> Proje
     return Project(root)
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Project:
-    """The shipped gpt2-tiny recipe, built once with `doit build` (all four variants)."""
-    project = new_project(tmp_path_factory.mktemp("tiny-project"))
+def built_project(tmp_path_factory, name: str, recipes: list[str]) -> Project:
+    """The one factory for the tiny projects: the repo's named recipes, built once with `doit build`."""
+    texts = {r: (REPO / "recipes" / f"{r}.yaml").read_text() for r in recipes}
+    project = new_project(tmp_path_factory.mktemp(name), texts)
     project.doit("build")
     return project
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Project:
+    """The shipped gpt2-tiny recipe (all four variants)."""
+    return built_project(tmp_path_factory, "tiny-project", ["gpt2-tiny"])
+
+
+@pytest.fixture(scope="session")
+def sam_tiny(tmp_path_factory) -> Project:
+    """The shipped sam-tiny recipe (fp32 and int8)."""
+    return built_project(tmp_path_factory, "sam-project", ["sam-tiny"])
+
+
+@pytest.fixture(scope="session")
+def sd_tiny(tmp_path_factory) -> Project:
+    """The shipped sd-tiny recipe (fp32, int8 static, int8-dynamic)."""
+    return built_project(tmp_path_factory, "sd-project", ["sd-tiny"])
 
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxforge.cli", *args], capture_output=True, text=True,
                           env=env or dict(os.environ, PYTHONWARNINGS="ignore"))
-
-
-@pytest.fixture(scope="session")
-def sam_tiny(tmp_path_factory) -> Project:
-    """The shipped sam-tiny recipe, built once with `doit build` (fp32 and int8)."""
-    recipe = (REPO / "recipes" / "sam-tiny.yaml").read_text()
-    project = new_project(tmp_path_factory.mktemp("sam-project"), {"sam-tiny": recipe})
-    project.doit("build")
-    return project
-
-
-@pytest.fixture(scope="session")
-def sd_tiny(tmp_path_factory) -> Project:
-    """The shipped sd-tiny recipe, built once with `doit build` (fp32, int8 static, int8-dynamic)."""
-    recipe = (REPO / "recipes" / "sd-tiny.yaml").read_text()
-    project = new_project(tmp_path_factory.mktemp("sd-project"), {"sd-tiny": recipe})
-    project.doit("build")
-    return project

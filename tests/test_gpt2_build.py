@@ -40,7 +40,7 @@ def test_every_variant_published_with_complete_manifest(tiny, loaded):
         assert m["recipe"]["name"] == "gpt2-tiny" and len(m["recipe"]["digest"]) == 64
         assert m["source"]["kind"] == "random" and len(m["source"]["weights_sha256"]) == 64
         assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(m["toolchain"])
-        assert [s["stage"] for s in m["stages"]][0] == "source" and m["stages"][-1]["stage"] == "validate"
+        assert [s["stage"] for s in m["stages"]][0] == "source" and m["stages"][-1]["stage"] == "publish"
         dec = m["components"]["decoder"]
         for rec in dec["files"]:
             assert art.sha256_file(a.dir / rec["file"]) == rec["sha256"]
@@ -152,7 +152,7 @@ def test_recipe_change_rebuilds_only_what_depends_on_it(tiny):
         recipe.write_text(original.replace("kv-int8: {min_top1_agreement: 0.9,", "kv-int8: {quantize_lm_head: false, min_top1_agreement: 0.9,"))
         out = tiny.doit("build").stdout
         ran = sorted(line[3:] for line in out.splitlines() if line.startswith(".  "))
-        assert ran == ["quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-kv-int8"]
+        assert ran == ["publish:gpt2-tiny-kv-int8", "quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-kv-int8"]
         new_int8 = tiny.variant("kv-int8")
         assert new_int8 != old_int8 and (old_int8 / art.MANIFEST).is_file()  # old versions stay
         stage = next(s for s in art.read_manifest(new_int8)["stages"] if s["stage"] == "quantize")
@@ -184,13 +184,14 @@ def test_failed_validation_fails_the_build_with_numbers_and_publishes_nothing(ti
 def test_build_task_names_follow_stage_colon_artifact(tiny):
     out = tiny.doit("list", "--all").stdout
     for name in ("source:gpt2-tiny", "prune:gpt2-tiny-pruned", "export:gpt2-tiny-kv", "export:gpt2-tiny-base",
-                 "quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-pruned", "bench:gpt2-tiny", "build"):
+                 "quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-pruned", "publish:gpt2-tiny-pruned",
+                 "bench:gpt2-tiny", "build"):
         assert name in out
 
 
 def test_random_source_is_deterministic():
     """Same recipe, same weights: seeded init and seeded training (dropout included)."""
-    from onnxforge.models.gpt2 import random_gpt2, train_briefly
+    from onnxforge.families.gpt2.build import random_gpt2, train_briefly
 
     def weights():
         model = random_gpt2({"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 100}, seed=3)

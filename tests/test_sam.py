@@ -37,7 +37,7 @@ W, H = 173, 97  # odd, wide: exercises resize, padding and the crop back
 
 
 def _picture(w=W, h=H, seed=1):
-    from onnxforge.models.sam import validation_image
+    from onnxforge.families.sam.build import validation_image
 
     return validation_image(w, h, seed)
 
@@ -138,7 +138,7 @@ def test_encoder_attention_is_exported_as_onnxruntime_multihead_attention(fp32, 
 
 def test_fused_encoder_attention_computes_what_transformers_does(sam_tiny, fp32):
     """fuse_vision_attention in PyTorch against transformers' own attention, on the same weights."""
-    from onnxforge.models.sam import fuse_vision_attention
+    from onnxforge.families.sam.build import fuse_vision_attention
 
     digest = next(s["digest"] for s in fp32.manifest["stages"] if s["stage"] == "source")
     model_dir = sam_tiny.artifacts / "sam-tiny" / ".stages" / f"source-all-{digest}" / "model"
@@ -497,7 +497,7 @@ def test_bad_sam_recipe_is_one_line(tmp_path, body, match):
 
 
 def test_inconsistent_random_config_is_refused():
-    from onnxforge.models.sam import check_architecture
+    from onnxforge.families.sam.build import check_architecture
     from transformers import SamConfig
 
     cfg = SamConfig(vision_config={"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -519,18 +519,19 @@ def test_encoder_runs_without_the_arena_unless_asked(fp32):
 
 
 def test_bench_sam_writes_json_and_table(fp32, int8, tmp_path):
-    from onnxforge.bench_sam import bench_variants
+    from onnxforge.bench import bench_variants
 
-    report = bench_variants({"fp32": fp32.dir, "int8": int8.dir}, tmp_path, runs=1, warmup=0, prompts=2,
-                            points_per_side=2, image_size=(64, 48), low_memory=False)
+    report = bench_variants({"fp32": fp32.dir, "int8": int8.dir}, tmp_path, update_manifests=False,
+                            settings={"runs": 1, "warmup": 0, "prompts": 2, "points_per_side": 2, "image": "64x48",
+                                      "arena": True})
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["settings"]["low_memory"] is False and saved["machine"]["cpu"]
+    assert saved["settings"]["arena"] is True and saved["machine"]["cpu"] and saved["family"] == "sam"
     assert saved["variants"].keys() == {"fp32", "int8"}
     for r in saved["variants"].values():
         assert r["encoder_ms"]["n"] == 1 and r["decoder_point_ms"]["n"] == 2 and r["peak_rss_mib"] > 0
         assert r["input_size"] == 128 and r["everything_s"] > 0
     assert "int8_encoder_speedup" in report["ratios"]
-    assert any("decoder <= 50 ms" in k for k in report["targets"])
+    assert any("decoder <= 50 ms" in k for k in report["ratios"])
     assert "| fp32 |" in (tmp_path / "bench.md").read_text()
 
 

@@ -157,7 +157,7 @@ def test_export_attention_processor_computes_what_diffusers_does(source_dir):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from onnxforge.models.sd import ort_attention_processor
+    from onnxforge.families.sd.submodules import ort_attention_processor
 
     g = torch.Generator().manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(source_dir / "unet").eval()
@@ -224,7 +224,7 @@ def test_runtime_tokenizer_matches_cliptokenizer(sd, pipe):
 
 
 def test_calibration_readers_yield_what_each_model_expects(fp32, calib_dir):
-    from onnxforge.models.sd import calibration_reader
+    from onnxforge.families.sd.calibrate import calibration_reader
 
     meta = json.loads((calib_dir / "calibration.json").read_text())
     assert len(meta["calibrate"]) == 4 and len(meta["held_out"]) == 2 and not set(meta["calibrate"]) & set(meta["held_out"])
@@ -257,7 +257,7 @@ def test_calibration_readers_yield_what_each_model_expects(fp32, calib_dir):
 
 
 def test_unet_calibration_covers_early_middle_and_late_timesteps(calib_dir):
-    from onnxforge.models.sd import calibration_reader
+    from onnxforge.families.sd.calibrate import calibration_reader
 
     reader = calibration_reader(calib_dir, "unet", "calibrate", 2)
     timesteps = [float(item["timestep"][0]) for item in reader]
@@ -387,7 +387,7 @@ def test_clip_score_with_a_local_clip_model(source_dir, tmp_path):
     """CLIP score is computed when quality.clip_model names a local folder (here a tiny random CLIP)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from onnxforge.models.sd import clip_scores
+    from onnxforge.families.sd.validate import clip_scores
 
     tok = CLIPTokenizer.from_pretrained(source_dir / "tokenizer")
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
@@ -808,12 +808,12 @@ def test_path_source_must_look_like_the_hub_repo(tmp_path):
 
 
 def test_bench_sd_writes_json_table_and_chart(fp32, int8_dynamic, tmp_path):
-    from onnxforge.bench_sd import bench_variants
+    from onnxforge.bench import bench_variants
 
-    report = bench_variants({"fp32": fp32.dir, "int8-dynamic": int8_dynamic.dir}, tmp_path, sizes=(64,), runs=1,
-                            warmup=0, image_steps=2, image_low_memory=True, update_manifests=False)
+    report = bench_variants({"fp32": fp32.dir, "int8-dynamic": int8_dynamic.dir}, tmp_path, update_manifests=False,
+                            settings={"sizes": "64", "runs": 1, "warmup": 0, "image_steps": 2, "low_memory": True})
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["settings"]["image_low_memory"] is True
+    assert saved["settings"]["low_memory"] is True and saved["family"] == "sd"
     assert saved["variants"].keys() == {"fp32", "int8-dynamic"}
     for r in saved["variants"].values():
         subs = r["submodules"]

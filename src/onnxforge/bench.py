@@ -1,8 +1,20 @@
-"""Text benchmark: each variant in its own process (so peak RSS is its own), one run, ratios.
+"""One benchmark harness for every family.
 
-Per variant: `runs` timed runs after `warmup` untimed ones; a run is a prefill
-of a fixed `prompt_tokens`-token prompt, then `new_tokens` greedy decode steps.
-Uses only the runtime (numpy + onnxruntime), like a user's program would.
+Each measurement runs in its own child process (a JSON job in, a JSON result out: peak RSS is the job's
+own), all variants of a comparison in one run so that ratios compare like with like. The family's bench
+module (Family.bench) supplies only what differs:
+
+    SETTINGS                      {name: (default, parse, help)}: the knobs, also the CLI's options
+    check(settings)               ValueError on absurd settings
+    jobs(manifest, settings)      the child jobs for one artifact (dicts; the harness adds path, threads)
+    child(job, artifact)          runs in the child: one measurement -> dict
+    collect(manifest, done)       one variant's result from its [(job, result)]
+    ratios(results)               comparisons between variants measured in this run
+    HEADERS, rows(name, result)   its table; PANELS [(title, fn(result) -> number)] its chart
+    summary(result)               the block written back into the artifact's manifest
+    describe(block)               one line for `onnxforge inspect`
+
+Nothing here is asserted; targets live in the reports (docs/benchmarks/), never in timed tests.
 """
 
 from __future__ import annotations
@@ -17,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from .runtime import artifact as art
-from .runtime.text import CausalLM
 
 
 def machine(threads: int | None) -> dict:
@@ -36,161 +47,134 @@ def machine(threads: int | None) -> dict:
     return {"cpu": model, "simd": simd, "cpu_count": os.cpu_count(), "ort_threads": threads or "default",
             "platform": sys.platform}
 
-PROMPT_TEXT = "A quiet harbor at dawn, fishing boats resting on silver water while gulls circle the old stone pier. "
-
 
 def stats(values_ms: list[float]) -> dict:
-    a = np.asarray(values_ms)
+    """mean, p50 and p95 of n timings (ms); with few runs p95 is interpolated between the largest two."""
+    a = np.asarray(values_ms, dtype=np.float64)
     return {"mean": round(float(a.mean()), 3), "p50": round(float(np.percentile(a, 50)), 3),
             "p95": round(float(np.percentile(a, 95)), 3), "n": int(a.size)}
 
 
-def bench_one(path: str, runs: int, warmup: int, prompt_tokens: int, new_tokens: int, threads: int | None) -> dict:
-    """Runs in a child process: load, warm up, time."""
+def peak_rss_mib() -> float:
     import resource
 
-    from tokenizers import Tokenizer
-
-    t0 = time.perf_counter()
-    a = art.load(path)
-    lm = CausalLM(a.session("decoder", threads=threads), a.runtime["context_length"])
-    load_s = time.perf_counter() - t0
-    tok = Tokenizer.from_file(str(a.dir / a.runtime["tokenizer"]))
-    ids = tok.encode(PROMPT_TEXT).ids
-    prompt = (ids * (prompt_tokens // max(1, len(ids)) + 1))[:prompt_tokens]
-    if prompt_tokens + new_tokens > lm.context_length:
-        raise ValueError(f"prompt {prompt_tokens} + new {new_tokens} tokens exceed the context ({lm.context_length})")
-    prefill, decode = [], []
-    for i in range(warmup + runs):
-        stream = lm.decode(prompt)
-        t = time.perf_counter()
-        logits = next(stream)
-        first = (time.perf_counter() - t) * 1e3
-        steps = []
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            logits = stream.send(int(np.argmax(logits)))
-            steps.append((time.perf_counter() - t) * 1e3)
-        if i >= warmup:
-            prefill.append(first)
-            decode.extend(steps)
-    d = stats(decode)
-    return {
-        "variant": a.manifest["artifact"]["variant"],
-        "version": a.manifest["artifact"]["version"],
-        "artifact": str(a.dir),
-        "load_s": round(load_s, 3),
-        "prefill_ms": stats(prefill),
-        "decode_ms_per_token": d,
-        "tokens_per_s": round(1e3 / d["mean"], 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "size_mib": round(a.manifest["artifact"]["bytes_on_disk"] / 2**20, 2),
-        "parameters": parameter_count(a.manifest),
-    }
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def parameter_count(manifest: dict) -> int | None:
-    """Parameters of the model the artifact holds: after pruning if it was pruned."""
-    stages = {s["stage"]: s for s in manifest["stages"]}
-    if "prune" in stages:
-        return stages["prune"].get("parameters_after")
-    return stages.get("source", {}).get("parameters")
+def family_of(manifest: dict, where: Path):
+    from .families import FAMILIES, family_of_kind
+
+    fam = FAMILIES.get(manifest["artifact"].get("family")) or family_of_kind(manifest.get("runtime", {}).get("kind", ""))
+    if fam is None or fam.bench is None:
+        raise ValueError(f"{where}: no benchmark for this artifact's family ({manifest['artifact'].get('family')!r})")
+    return fam
 
 
-def bench_variants(paths: dict[str, Path], out_dir: Path, runs: int = 100, warmup: int = 3, prompt_tokens: int = 32,
-                   new_tokens: int = 50, threads: int | None = None, update_manifests: bool = True) -> dict:
+def settings_for(fam, given: dict) -> dict:
+    """The family's defaults updated with the options given (None = not given); unknown options refused."""
+    known = fam.bench.SETTINGS
+    extra = sorted(k for k, v in given.items() if v is not None and k not in known)
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise ValueError(f"{flags}: not an option of the {fam.name} benchmark (it takes "
+                         f"{', '.join('--' + k.replace('_', '-') for k in known)})")
+    s = {k: (given[k] if given.get(k) is not None else default) for k, (default, _, _) in known.items()}
+    fam.bench.check(s)
+    return s
+
+
+def run_child(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "onnxforge.bench", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines()
+        raise RuntimeError(f"benchmark job {job.get('what', '')} of {job['path']} failed: {err[-1] if err else proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_variants(paths: dict[str, Path], out_dir: Path, settings: dict | None = None, threads: int | None = None,
+                   update_manifests: bool = True) -> dict:
+    """Measure every artifact in `paths` (name -> variant or version folder) in one run; JSON, table, chart."""
     from tqdm import tqdm
 
-    results = {}
-    for name, path in tqdm(paths.items(), desc="bench variants", unit="variant"):
-        cmd = [sys.executable, "-m", "onnxforge.bench", str(path), str(runs), str(warmup), str(prompt_tokens),
-               str(new_tokens), str(threads or 0)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark of {name} ({path}) failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    report = {
-        "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": machine(threads),
-        "settings": {"runs": runs, "warmup": warmup, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens},
-        "variants": results,
-        "ratios": ratios(results),
-    }
+    if not paths:
+        raise ValueError("nothing to benchmark: no built artifact given")
+    manifests = {name: art.load(p, check_hashes=False) for name, p in paths.items()}
+    families = {family_of(a.manifest, a.dir).name: family_of(a.manifest, a.dir) for a in manifests.values()}
+    if len(families) != 1:
+        raise ValueError(f"compare artifacts of one family at a time (got {', '.join(sorted(families))})")
+    fam = next(iter(families.values()))
+    s = settings_for(fam, settings or {})
+    jobs = [(name, {**job, "family": fam.name, "path": str(a.dir), "threads": threads})
+            for name, a in manifests.items() for job in fam.bench.jobs(a.manifest, s)]
+    done: dict[str, list] = {name: [] for name in manifests}
+    for name, job in tqdm(jobs, desc=f"bench {fam.name}", unit="job", disable=None):
+        done[name].append((job, run_child(job)))
+    results = {name: {"variant": a.manifest["artifact"]["variant"], "version": a.manifest["artifact"]["version"],
+                      "artifact": str(a.dir), **fam.bench.collect(a.manifest, done[name])}
+               for name, a in manifests.items()}
+    report = {"measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "family": fam.name, "machine": machine(threads),
+              "settings": s, "variants": results, "ratios": fam.bench.ratios(results)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, out_dir / "bench.png")
-    print(table(report))
+    text = table(report, fam)
+    (out_dir / "bench.md").write_text(text + "\n")
+    print(text)
+    try:
+        plot(report, fam, out_dir / "bench.png")
+    except ImportError:  # matplotlib comes with the build extra; the JSON and table do not need it
+        print("no chart: matplotlib is not installed (pip install 'onnxforge[build]')")
     if update_manifests:
         for name, r in results.items():
             mpath = Path(r["artifact"]) / art.MANIFEST
             manifest = json.loads(mpath.read_text())
-            manifest["benchmark"] = {k: r[k] for k in ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_rss_mib",
-                                                       "size_mib", "load_s")} | {"settings": report["settings"],
-                                                                                 "measured": report["measured"],
-                                                                                 "report": str(out_dir / "bench.json")}
+            manifest["benchmark"] = {**fam.bench.summary(r), "settings": s, "measured": report["measured"],
+                                     "machine": report["machine"]["cpu"], "report": str(out_dir / "bench.json")}
             art.write_json_atomic(mpath, manifest)
     return report
 
 
-def ratios(results: dict) -> dict:
-    out = {}
-    dec = {k: v["decode_ms_per_token"]["mean"] for k, v in results.items()}
-    size = {k: v["size_mib"] for k, v in results.items()}
-    if "base" in dec and "kv" in dec:
-        out["kv_decode_speedup_over_base"] = round(dec["base"] / dec["kv"], 3)
-    if "kv" in dec and "kv-int8" in dec:
-        out["int8_decode_speedup_over_kv"] = round(dec["kv"] / dec["kv-int8"], 3)
-        out["int8_size_fraction_of_kv"] = round(size["kv-int8"] / size["kv"], 4)
-    if "kv" in dec and "pruned" in dec:
-        out["pruned_decode_speedup_over_kv"] = round(dec["kv"] / dec["pruned"], 3)
-        out["pruned_size_fraction_of_kv"] = round(size["pruned"] / size["kv"], 4)
-    return out
-
-
-def table(report: dict) -> str:
-    from io import StringIO
-
-    from rich.console import Console
-    from rich.table import Table
-
-    s = report["settings"]
-    t = Table(title=f"GPT-2 variants: {s['runs']} runs, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens")
-    for col in ("variant", "prefill ms p50", "decode ms/tok mean", "p50", "p95", "tok/s", "peak RSS MiB", "size MiB"):
-        t.add_column(col, justify="right")
+def table(report: dict, fam) -> str:
+    """A Markdown table: readable in a terminal, pasteable into docs/benchmarks/."""
+    m = report["machine"]
+    settings = ", ".join(f"{k} {v}" for k, v in report["settings"].items())
+    lines = [f"{fam.description} — {settings}; {m['cpu_count']} CPUs ({m['cpu']}, {' '.join(m['simd'])}), "
+             f"{report['measured']}", "",
+             "| variant | " + " | ".join(fam.bench.HEADERS) + " |", "|---" * (len(fam.bench.HEADERS) + 1) + "|"]
     for name, r in report["variants"].items():
-        d = r["decode_ms_per_token"]
-        t.add_row(name, f"{r['prefill_ms']['p50']:.1f}", f"{d['mean']:.2f}", f"{d['p50']:.2f}", f"{d['p95']:.2f}",
-                  f"{r['tokens_per_s']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['size_mib']:.1f}")
-    buf = StringIO()
-    Console(file=buf, width=120).print(t)
-    lines = [buf.getvalue()] + [f"{k}: {v}" for k, v in report["ratios"].items()]
+        for row in fam.bench.rows(name, r):
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines += [f"- {k}: {json.dumps(v)}" for k, v in report["ratios"].items()]
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, fam, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["variants"])
-    v = report["variants"]
-    panels = [("decode ms/token (mean)", [v[n]["decode_ms_per_token"]["mean"] for n in names]),
-              ("prefill ms (p50)", [v[n]["prefill_ms"]["p50"] for n in names]),
-              ("peak RSS MiB", [v[n]["peak_rss_mib"] for n in names]),
-              ("size on disk MiB", [v[n]["size_mib"] for n in names])]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    for ax, (title, values) in zip(axes, panels):
-        bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(names)])
+    panels = fam.bench.PANELS
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (title, value) in zip(np.atleast_1d(axes), panels):
+        values = [value(report["variants"][n]) or 0 for n in names]
+        bars = ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][:len(names)])
         ax.set_title(title)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{report['settings']['runs']} runs, {report['machine']['cpu_count']} CPUs ({report['machine'].get('cpu', '?')}), {report['measured']}")
+    m = report["machine"]
+    fig.suptitle(f"{fam.description}: {m['cpu_count']} CPUs ({m['cpu']}), {report['measured']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-if __name__ == "__main__":  # child process entry: one variant
-    p, runs, warmup, prompt_tokens, new_tokens, threads = sys.argv[1:7]
-    print(json.dumps(bench_one(p, int(runs), int(warmup), int(prompt_tokens), int(new_tokens), int(threads) or None)))
+def _child_main(job: dict) -> dict:
+    from .families import FAMILIES
+
+    return FAMILIES[job["family"]].bench.child(job, art.load(job["path"], check_hashes=False))
+
+
+if __name__ == "__main__":  # child process entry: one job
+    print(json.dumps(_child_main(json.loads(sys.argv[1]))))

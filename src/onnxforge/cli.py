@@ -79,12 +79,12 @@ def _inspect(args) -> int:
     if extra:
         con.print("validation records: " + json.dumps(extra))
     if m.get("benchmark"):
+        from .bench import family_of
+
         b = m["benchmark"]
-        con.print(f"benchmark: decode {b['decode_ms_per_token']['mean']:.2f} ms/token (p95 {b['decode_ms_per_token']['p95']:.2f}), "
-                  f"prefill p50 {b['prefill_ms']['p50']:.1f} ms, {b['tokens_per_s']} tokens/s, peak RSS {b['peak_rss_mib']} MiB "
-                  f"({b['measured']})")
+        con.print(f"benchmark: {family_of(m, a.dir).bench.describe(b)} (measured {b['measured']} on {b.get('machine', '?')})")
     else:
-        con.print("benchmark: not measured (run `onnxforge bench`)")
+        con.print("benchmark: not measured (run `onnxforge bench --artifact PATH` or `--recipe NAME`)")
     con.print("runtime: " + json.dumps(m["runtime"]))
     return 0
 
@@ -116,15 +116,32 @@ def _add_bench_targets(p: argparse.ArgumentParser) -> None:
 
 def _bench(args) -> int:
     from .bench import bench_variants
+    from .families import FAMILIES
 
     paths = _bench_targets(args)
-    if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        raise ValueError("runs must be >= 1, new tokens >= 2 and prompt tokens >= 1")
+    given = {k: getattr(args, k) for f in FAMILIES.values() if f.bench for k in f.bench.SETTINGS}
     out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "manual"
-    bench_variants(paths, out, runs=args.runs, warmup=args.warmup, prompt_tokens=args.prompt_tokens,
-                   new_tokens=args.new_tokens, threads=args.threads)
-    print(f"saved {out / 'bench.json'} and {out / 'bench.png'}")
+    bench_variants(paths, out, settings=given, threads=args.threads)
+    print(f"saved {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}; figures recorded in each manifest")
     return 0
+
+
+def _add_bench_settings(p: argparse.ArgumentParser) -> None:
+    """Every family's benchmark options (an option of another family than the artifacts' is refused)."""
+    from .families import FAMILIES
+
+    seen: dict[str, list] = {}
+    for fam in FAMILIES.values():
+        for key, (default, parse, help_) in (fam.bench.SETTINGS.items() if fam.bench else ()):
+            seen.setdefault(key, []).append((fam.name, default, parse, help_))
+    for key, uses in seen.items():
+        defaults = ", ".join(f"{name} {default}" for name, default, _, _ in uses)
+        parse, help_ = uses[0][2], uses[0][3]
+        flag = "--" + key.replace("_", "-")
+        if parse is bool:
+            p.add_argument(flag, action="store_true", default=None, help=f"{help_} ({', '.join(n for n, *_ in uses)})")
+        else:
+            p.add_argument(flag, type=parse, default=None, help=f"{help_} (default: {defaults})")
 
 
 def _numbers(text: str, count: int, flag: str, example: str) -> tuple[float, ...]:
@@ -284,42 +301,13 @@ def _imagine(args) -> int:
     return 0
 
 
-def _bench_sam(args) -> int:
-    from .bench_sam import bench_variants
-
-    paths = _bench_targets(args)
-    width, _, height = args.image.partition("x")
-    if not (width.isdigit() and height.isdigit()):
-        raise ValueError(f"--image {args.image!r}: expected WIDTHxHEIGHT, e.g. 1024x768")
-    if args.runs < 1 or args.prompts < 1 or args.points_per_side < 1:
-        raise ValueError("runs, prompts and points per side must be >= 1")
-    out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "sam"
-    bench_variants(paths, out, runs=args.runs, warmup=args.warmup, prompts=args.prompts,
-                   points_per_side=args.points_per_side, image_size=(int(width), int(height)), threads=args.threads,
-                   low_memory=not args.arena)
-    print(f"saved {out / 'bench.json'} and {out / 'bench.md'}")
-    return 0
-
-
-def _bench_sd(args) -> int:
-    from .bench_sd import bench_variants
-
-    paths = _bench_targets(args)
-    try:
-        sizes = tuple(int(x) for x in args.sizes.split(","))
-    except ValueError:
-        raise ValueError(f"--sizes {args.sizes!r}: expected comma-separated pixel sizes, e.g. 256,512") from None
-    if args.runs < 1 or args.warmup < 0 or args.image_steps < 0 or not sizes or min(sizes) < 8:
-        raise ValueError("runs must be >= 1, warmup and image steps >= 0, sizes >= 8 px")
-    out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "sd"
-    bench_variants(paths, out, sizes=sizes, runs=args.runs, warmup=args.warmup, image_size=args.image_size,
-                   image_steps=args.image_steps, image_runs=args.image_runs, image_low_memory=args.low_memory,
-                   threads=args.threads)
-    print(f"saved {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
-    return 0
-
-
 def _build(args) -> int:
+    try:
+        import doit  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"building needs the build extra ({exc.name} is not installed): "
+                         f"pip install 'onnxforge[build]'") from None
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
@@ -364,17 +352,25 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     i.set_defaults(func=_inspect)
 
-    b = sub.add_parser("bench", help="benchmark a recipe's variants (prefill, decode, RSS, size)",
-                       description="Each variant in its own process, measured in one run; prints a table, saves JSON + PNG "
-                                   "and records the figures in each manifest.")
-    _add_bench_targets(b)
-    b.add_argument("--runs", type=int, default=100, help="timed runs per variant (default 100)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
-    b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
-    b.add_argument("--new-tokens", type=int, default=50, help="tokens decoded per run (default 50)")
-    b.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    b.add_argument("--out", help="folder for bench.json and bench.png (default: artifacts/<recipe>/bench/manual)")
-    b.set_defaults(func=_bench)
+    for name, aliases, help_ in (("bench", [], "benchmark a recipe's variants side by side (any family)"),
+                                 ("bench-sam", [], "alias of `bench` (kept for old scripts)"),
+                                 ("bench-sd", [], "alias of `bench` (kept for old scripts)")):
+        b = sub.add_parser(
+            name, aliases=aliases, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Benchmark artifacts side by side: each measurement in its own process (peak RSS is its own), "
+                        "all variants in one run,\nratios between them; prints a Markdown table, saves bench.json, "
+                        "bench.md and bench.png, and records the figures\nin each artifact's manifest (`onnxforge "
+                        "inspect` shows them). The family comes from the artifacts' manifests.",
+            epilog="examples:\n"
+                   "  onnxforge bench --recipe gpt2-tiny --runs 20\n"
+                   "  onnxforge bench --recipe sam-tiny --image 320x240\n"
+                   "  onnxforge bench --recipe sd-tiny --sizes 64 --image-steps 2\n"
+                   "  onnxforge bench --artifact old=artifacts/sam-tiny/fp32/<version> --artifact new=artifacts/sam-tiny/fp32")
+        _add_bench_targets(b)
+        _add_bench_settings(b)
+        b.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+        b.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/manual)")
+        b.set_defaults(func=_bench)
 
     sg = sub.add_parser(
         "segment", help="select an object in a picture with Segment Anything (point, box or numbered candidates)",
@@ -419,20 +415,6 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     sg.set_defaults(func=_segment, prompts=[])
 
-    bs = sub.add_parser("bench-sam", help="benchmark SAM variants (encoder, decoder per prompt, everything mode, RSS)",
-                        description="Each variant in its own process, measured in one run: encoder latency and peak RSS at "
-                                    "the model's input size, decoder latency per prompt, everything-mode time; JSON + table.")
-    _add_bench_targets(bs)
-    bs.add_argument("--runs", type=int, default=5, help="timed encoder runs (default 5)")
-    bs.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    bs.add_argument("--prompts", type=int, default=20, help="timed point and box prompts each (default 20)")
-    bs.add_argument("--points-per-side", type=int, default=16, help="everything-mode grid (default 16)")
-    bs.add_argument("--image", default="1024x768", help="picture size WIDTHxHEIGHT (default 1024x768)")
-    bs.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    bs.add_argument("--arena", action="store_true", help="encoder with onnxruntime's memory arena (as segment --arena)")
-    bs.add_argument("--out", help="folder for bench.json and bench.md (default: artifacts/<recipe>/bench/sam)")
-    bs.set_defaults(func=_bench_sam)
-
     im = sub.add_parser(
         "imagine", help="draw a picture from a prompt with Stable Diffusion (onnxruntime only)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -462,23 +444,6 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--no-progress", action="store_true", help="no progress bar")
     im.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     im.set_defaults(func=_imagine)
-
-    bd = sub.add_parser("bench-sd", help="benchmark Stable Diffusion variants (per submodule, per UNet step, whole image)",
-                        description="Each measurement in its own process, all variants in one run: per-submodule latency "
-                                    "and peak RSS, UNet step with guidance (batch 2) at each --sizes, a whole picture, "
-                                    "sizes on disk; JSON + table + PNG chart, figures recorded in each manifest.")
-    _add_bench_targets(bd)
-    bd.add_argument("--sizes", default="256,512", help="square picture sizes for the per-submodule runs (default 256,512)")
-    bd.add_argument("--runs", type=int, default=3, help="timed calls per submodule and size (default 3)")
-    bd.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    bd.add_argument("--image-size", type=int, default=None, help="whole-picture size in px (default: the manifest's)")
-    bd.add_argument("--image-steps", type=int, default=25, help="whole-picture steps, 0 = skip (default 25)")
-    bd.add_argument("--image-runs", type=int, default=1, help="whole pictures timed (default 1)")
-    bd.add_argument("--low-memory", action="store_true",
-                    help="draw the whole picture in low-memory mode (one submodule loaded at a time; its load time counts)")
-    bd.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    bd.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/sd)")
-    bd.set_defaults(func=_bench_sd)
 
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")

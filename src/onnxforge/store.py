@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -32,13 +31,14 @@ STAGE_MARKER = "stage.json"
 class ValidationFailed(RuntimeError):
     """An artifact that does not match its reference: the build stops, nothing is published."""
 
-TOOLCHAIN_PACKAGES = ("onnxforge", "torch", "transformers", "onnx", "onnxruntime", "optimum", "torch-pruning", "tokenizers")
+# Packages whose versions change every family's outputs; each family adds its own (Family.toolchain).
+TOOLCHAIN_PACKAGES = ("onnxforge", "numpy", "onnx", "onnxruntime")
 
 
 @cache
-def toolchain_versions() -> dict[str, str]:
+def toolchain_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     out = {}
-    for pkg in TOOLCHAIN_PACKAGES:
+    for pkg in dict.fromkeys(TOOLCHAIN_PACKAGES + tuple(extra)):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -54,11 +54,11 @@ def digest_of(obj: Any, n: int = 12) -> str:
 class StageSpec:
     """One build step of one artifact, e.g. export of gpt2-tiny's kv variant."""
 
-    stage: str  # source | prune | export | quantize | validate
+    stage: str  # a name in the family's `stages` (source, export, quantize, validate, publish, ...)
     recipe: str
     variant: str | None
     params: dict
-    fn: str  # "module:function" run as fn(spec, out_dir, ctx); imported lazily so `doit list` stays fast
+    family: str  # the registry entry whose `stages[stage]` builds it
     upstream: tuple["StageSpec", ...] = ()
     publishes: bool = False  # the last stage of a variant publishes the artifact
     doc: str = ""
@@ -70,8 +70,14 @@ class StageSpec:
             "stage": self.stage,
             "params": self.params,
             "upstream": [u.digest for u in self.upstream],
-            "toolchain": toolchain_versions(),
+            "toolchain": toolchain_versions(self.toolchain),
         })
+
+    @property
+    def toolchain(self) -> tuple[str, ...]:
+        from .families import FAMILIES
+
+        return FAMILIES[self.family].toolchain
 
     @property
     def task_name(self) -> str:
@@ -155,15 +161,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path, link_data: bool = False) -> None:
     """Hard-link a file into a new artifact (no second copy on disk); copy across devices.
 
-    ONNX external data (*.data) is always copied: onnx >= 1.23 refuses to read external data through a
-    file with more than one hard link (a hard-link attack guard), and later stages (quantize) read
-    their upstream's external data.
+    ONNX external data (*.data) is copied unless link_data: onnx >= 1.23 refuses to read external data
+    through a file with more than one hard link (a hard-link attack guard), and later stages (quantize)
+    read their upstream's external data with onnx. Publishing links it (only onnxruntime reads a
+    published artifact, and it has no such guard): a multi-GB UNet is not stored twice.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.name.endswith(".data"):
+    if src.name.endswith(".data") and not link_data:
         shutil.copy2(src, dst)
         return
     try:
@@ -176,18 +183,25 @@ def file_record(path: Path, base: Path) -> dict:
     return {"file": str(path.relative_to(base)), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def onnx_files(model_path: Path, model=None) -> list[Path]:
+    """An ONNX file and the external-data files it names."""
+    import onnx
+
+    model = model if model is not None else onnx.load(str(model_path), load_external_data=False)
+    files = [model_path]
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location" and (model_path.parent / entry.value) not in files:
+                files.append(model_path.parent / entry.value)
+    return files
+
+
 def onnx_component(model_path: Path, base: Path) -> dict:
     """Files (model + external data), inputs and outputs with dtypes and symbolic shapes."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    files = [model_path]
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                loc = model_path.parent / entry.value
-                if loc not in files:
-                    files.append(loc)
+    files = onnx_files(model_path, model)
 
     def describe(value):
         t = value.type.tensor_type
@@ -208,9 +222,33 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _call(fn_path: str) -> Callable:
-    module, name = fn_path.split(":")
-    return getattr(importlib.import_module(module), name)
+def stage_function(spec: StageSpec) -> Callable:
+    """The family's function for this stage; a stage the family does not define is an error, never skipped."""
+    from .families import FAMILIES
+
+    family = FAMILIES.get(spec.family)
+    if family is None:
+        raise KeyError(f"{spec.stage}:{spec.task_name}: no family {spec.family!r} is registered")
+    fn = family.stages.get(spec.stage)
+    if fn is None:
+        raise KeyError(f"{spec.stage}:{spec.task_name}: family {spec.family!r} plans a {spec.stage!r} stage but defines "
+                       f"no such stage (it has {', '.join(family.stages)})")
+    return fn
+
+
+def publish_stage(spec: StageSpec, out: Path, ctx: "StageContext") -> dict:
+    """Publish a validated artifact: link its files and add the recipe's runtime defaults.
+
+    Shared by every family. Validation happens upstream, so changing a runtime default (a prompt template,
+    default steps) makes a new version without validating again.
+    """
+    src = ctx.upstream_dir(spec, "validate")
+    record = ctx.upstream_record(spec, "validate")
+    for f in sorted(src.rglob("*")):
+        if f.is_file() and f.name != STAGE_MARKER:
+            link_or_copy(f, out / f.relative_to(src), link_data=True)
+    return {"components": record["components"], "validation": record["validation"],
+            "runtime": {**record["runtime"], **spec.params["runtime"]}}
 
 
 def stage_chain(spec: StageSpec) -> list[StageSpec]:
@@ -260,7 +298,7 @@ def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
         chatter = io.StringIO()  # library prints (e.g. torch.onnx's progress) go here, shown only on failure
         try:
             with contextlib.redirect_stdout(chatter):
-                record = _call(spec.fn)(spec, tmp, ctx) or {}
+                record = stage_function(spec)(spec, tmp, ctx) or {}
         except BaseException:
             sys.stdout.write(chatter.getvalue()[-4000:])
             raise
@@ -294,13 +332,13 @@ def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) 
             "recipe": spec.recipe,
             "variant": spec.variant,
             "version": spec.digest,
-            "family": spec.extra.get("family"),
+            "family": spec.family,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "bytes_on_disk": dir_bytes(out),
         },
         "recipe": {"name": spec.recipe, "file": spec.extra.get("recipe_file"), "digest": spec.extra.get("recipe_digest")},
         "source": source,
-        "toolchain": toolchain_versions(),
+        "toolchain": toolchain_versions(spec.toolchain),
         "stages": stages,
         "components": components,
         "validation": record.get("validation", {}),

@@ -1,4 +1,7 @@
-"""doit task creators: one task per stage per artifact, named `<stage>:<recipe>-<variant>`."""
+"""doit task creators: one task per stage per artifact, named `<stage>:<recipe>-<variant>`.
+
+Nothing here knows a family: each recipe's family (families.FAMILIES) plans its stages.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,8 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from .config import Recipe
+from .config import Recipe, RecipeError
 from .store import StageContext, StageSpec, run_stage
-
-STAGE_ORDER = ("source", "prune", "export", "calibrate", "quantize", "validate")
 
 
 def project_paths() -> tuple[Path, Path, Path]:
@@ -21,45 +22,66 @@ def project_paths() -> tuple[Path, Path, Path]:
     return project, recipes, artifacts
 
 
-def plan_all(recipes: dict[str, Recipe], project_dir: Path) -> dict[str, dict[str, StageSpec]]:
-    from .models import gpt2, sam, sd
+def walk(spec: StageSpec):
+    """This stage and every stage upstream of it, upstream first (repeats included)."""
+    for u in spec.upstream:
+        yield from walk(u)
+    yield spec
 
-    planners = {"gpt2": gpt2.plan, "sam": sam.plan, "sd": sd.plan}
-    return {name: planners[r.body.family](r, project_dir) for name, r in recipes.items()}
+
+def plan_recipe(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
+    """The recipe's family plans it; a stage the family does not define fails here, before any build."""
+    from .families import FAMILIES
+
+    family = FAMILIES[recipe.body.family]
+    plan = family.plan(recipe, project_dir)
+    for spec in plan.values():
+        for s in walk(spec):
+            if s.stage not in family.stages:
+                raise RecipeError(f"{recipe.path}: family {family.name!r} plans a {s.stage!r} stage for "
+                                  f"{s.task_name} but defines no such stage (it has {', '.join(family.stages)})")
+    return plan
+
+
+def plan_all(recipes: dict[str, Recipe], project_dir: Path, errors: dict[str, str] | None = None) -> dict[str, dict[str, StageSpec]]:
+    """Plans of every recipe. With `errors`, a recipe whose plan fails is reported there and left out."""
+    plans = {}
+    for name, r in recipes.items():
+        try:
+            plans[name] = plan_recipe(r, project_dir)
+        except RecipeError as exc:
+            if errors is None:
+                raise
+            errors[name] = str(exc)
+    return plans
 
 
 def _run(spec: StageSpec, ctx: StageContext):
     """Expected failures become one clear line in doit's report, not a traceback."""
     from doit.exceptions import TaskFailed
 
-    from .config import RecipeError
     from .sources import SourceError
     from .store import ValidationFailed
 
     try:
         run_stage(spec, ctx)
-    except (SourceError, ValidationFailed, RecipeError, FileNotFoundError) as exc:
+    except (SourceError, ValidationFailed, RecipeError, FileNotFoundError, NotImplementedError) as exc:
         return TaskFailed(f"{spec.stage}:{spec.task_name}: {exc}")
 
 
 def stage_tasks(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
-    """Yield doit task dicts, grouped by stage so `doit list` reads as the pipeline."""
+    """Yield doit task dicts, grouped by stage in pipeline order (the order stages first appear upstream-first)."""
     seen: dict[str, StageSpec] = {}
-
-    def collect(spec: StageSpec):
-        for u in spec.upstream:
-            collect(u)
-        seen.setdefault(f"{spec.stage}:{spec.task_name}", spec)
-
     for variants in plans.values():
         for spec in variants.values():
-            collect(spec)
-    for stage in STAGE_ORDER:
-        subtasks = [(name, spec) for name, spec in seen.items() if spec.stage == stage]
-        if not subtasks:
-            continue
+            for s in walk(spec):
+                seen.setdefault(f"{s.stage}:{s.task_name}", s)
+    stages = list(dict.fromkeys(s.stage for s in seen.values()))
+    for stage in stages:
         yield {"basename": stage, "name": None, "doc": f"{stage} stage of each artifact"}
-        for name, spec in subtasks:
+        for name, spec in seen.items():
+            if spec.stage != stage:
+                continue
             yield {
                 "basename": stage,
                 "name": spec.task_name,
@@ -74,11 +96,11 @@ def stage_tasks(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
 
 
 def publish_task_names(plans, recipe_names) -> list[str]:
-    return [f"validate:{plans[r][v].task_name}" for r in recipe_names for v in plans[r]]
+    return [f"{plans[r][v].stage}:{plans[r][v].task_name}" for r in recipe_names for v in plans[r]]
 
 
 def bench_task(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
-    """`bench:<recipe>`: all published variants of a recipe measured in one run."""
+    """`bench:<recipe>`: all published variants of a recipe measured in one run (the family's benchmark)."""
     from .store import digest_of
 
     yield {"basename": "bench", "name": None, "doc": "benchmark a recipe's variants (not part of build)"}
@@ -87,13 +109,8 @@ def bench_task(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
         out = ctx.root / recipe / "bench" / digest_of(versions)
 
         def run(variants=variants, out=out):
-            family = next(iter(variants.values())).extra["family"]
-            if family == "sam":
-                from .bench_sam import bench_variants
-            elif family == "sd":
-                from .bench_sd import bench_variants
-            else:
-                from .bench import bench_variants
+            from .bench import bench_variants
+
             bench_variants({v: s.out_dir(ctx.root) for v, s in variants.items()}, out)
 
         yield {
@@ -102,7 +119,7 @@ def bench_task(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
             "doc": f"benchmark {', '.join(variants)}",
             "actions": [run],
             "file_dep": [str(s.target(ctx.root)) for s in variants.values()],
-            "task_dep": [f"validate:{s.task_name}" for s in variants.values()],
+            "task_dep": [f"{s.stage}:{s.task_name}" for s in variants.values()],
             "targets": [str(out / "bench.json")],
             "uptodate": [config_changed(digest_of(versions))],
             "verbosity": 2,

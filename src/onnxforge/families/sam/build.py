@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Recipe, RecipeError, SamRecipe
-from ..runtime.artifact import make_session
-from ..runtime import sam_processing as sp
-from ..runtime.sam import SamPredictor, mask_iou
-from ..sources import SourceError, weights_sha256
-from ..store import StageContext, StageSpec, ValidationFailed, link_or_copy
-from .common import (ORT_CUSTOM_OPSETS, builder_digest, count_parameters, existing_model_dir, model_dir_of,
-                     ort_multihead_attention, record_check, source_params, spec_factory)
+from ...config import Recipe, RecipeError
+from ...runtime import sam_processing as sp
+from ...runtime.artifact import make_session
+from ...runtime.sam import SamPredictor, mask_iou
+from ...sources import SourceError, weights_sha256
+from ...store import StageContext, StageSpec, link_or_copy
+from ..common import (ORT_CUSTOM_OPSETS, builder_digest, count_parameters, existing_model_dir, fail_on, model_dir_of,
+                      ort_multihead_attention, publish_spec, record_check, source_params, spec_factory)
+from .recipe import SamRecipe
 
 HUB_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
 PREPROCESSOR = "preprocessor_config.json"
@@ -41,6 +42,7 @@ DECODER_IO = {"image_embeddings": "image_embeddings", "point_coords": "point_coo
               "iou_scores": "iou_scores", "low_res_masks": "low_res_masks"}
 
 
+RUNTIME_KIND = "sam"
 BUILDER_DIGEST = builder_digest(__file__, "runtime/sam.py", "runtime/sam_processing.py")
 
 
@@ -54,23 +56,33 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     params = source_params(recipe, project_dir)
     if src.kind == "random":
         params["initializer_range"] = src.random.initializer_range
-    spec = spec_factory(recipe, __name__, "sam", BUILDER_DIGEST)
+    spec = spec_factory(recipe, BUILDER_DIGEST)
     source = spec("source", None, params, [], doc=f"load {src.kind} SAM weights")
     export = spec("export", "fp32", body.export.model_dump(mode="json"), [source],
                   doc="export image encoder and prompt decoder")
-    validate_common = {**body.validate_.model_dump(mode="json"), "runtime": body.runtime.model_dump(mode="json")}
-    out: dict[str, StageSpec] = {}
+    validate_common = body.validate_.model_dump(mode="json")
+    validates: dict[str, StageSpec] = {}
     for name, cfg in body.variants.enabled().items():
         if name == "fp32":
-            out[name] = spec("validate", name, validate_common, [export], True, "check vs PyTorch and publish")
+            validates[name] = spec("validate", name, {**validate_common, "checks": ["parity"]}, [export],
+                                   "check vs PyTorch")
         elif name == "int8":
             quant = spec("quantize", name, {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel,
                                             "reduce_range": cfg.reduce_range, "weight_type": "QInt8"},
                          [export], doc="dynamic int8 of the encoder's MatMul weights")
-            out[name] = spec("validate", name, {**validate_common, "min_int8_mask_iou": cfg.min_mask_iou,
-                                                "min_embedding_cosine": cfg.min_embedding_cosine},
-                             [quant], True, "compare with fp32 and publish")
-    return out
+            validates[name] = spec("validate", name, {**validate_common, "checks": ["vs_fp32"],
+                                                      "min_int8_mask_iou": cfg.min_mask_iou,
+                                                      "min_embedding_cosine": cfg.min_embedding_cosine},
+                                   [quant], "compare with fp32")
+    return {name: publish_spec(spec, name, v, runtime_defaults(body.runtime.model_dump(mode="json")))
+            for name, v in validates.items()}
+
+
+def runtime_defaults(r: dict) -> dict:
+    """The recipe's runtime section in the manifest's runtime-block shape (added when publishing)."""
+    return {"mask_threshold": r["mask_threshold"],
+            "everything": {k: r[k] for k in ("points_per_side", "points_per_batch", "pred_iou_threshold",
+                                             "stability_threshold", "stability_offset", "nms_threshold")}}
 
 
 # ---- source -------------------------------------------------------------------
@@ -334,7 +346,7 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     about the same speed as dynamic (see STACK-NOTES), and it needs calibration
     images; dynamic made the SAM ViT-B encoder 1.8x faster.
     """
-    from ..quantize import dynamic_int8
+    from ...quantize import dynamic_int8
 
     src = ctx.upstream_dir(spec, "export")
     p = spec.params
@@ -399,15 +411,15 @@ def torch_reference_masks(model, processor, embeddings, image_sizes, prompt: dic
     return masks.numpy(), out.iou_scores[0, 0].numpy(), out.pred_masks[0, 0].numpy()
 
 
-def runtime_block(config, model_dir: Path, p: dict) -> dict:
-    """What the runtime needs, from the model's SamConfig and the recipe: it never imports transformers."""
+def runtime_block(config, model_dir: Path) -> dict:
+    """What the runtime needs from the model's SamConfig (it never imports transformers); the recipe's
+    defaults (mask threshold, everything-mode settings) are added when publishing."""
     vc = config.vision_config
     size = vc.image_size
     grid = size // vc.patch_size
     return {
-        "kind": "sam",
+        "kind": RUNTIME_KIND,
         **image_processor_settings(model_dir, size),  # image_size, pixel_mean, pixel_std
-        "mask_threshold": p["runtime"]["mask_threshold"],
         "embedding_shape": [1, vc.output_channels, grid, grid],
         "low_res_mask_size": 4 * grid,
         "encoder_io": ENCODER_IO,
@@ -415,8 +427,6 @@ def runtime_block(config, model_dir: Path, p: dict) -> dict:
         "point_labels": POINT_LABELS,
         "multimask_outputs": [1, 2, 3],  # decoder mask tokens 1-3: SAM's multimask output
         "single_mask_output": 0,  # token 0: SAM's multimask_output=False
-        "everything": {k: p["runtime"][k] for k in ("points_per_side", "points_per_batch", "pred_iou_threshold",
-                                                    "stability_threshold", "stability_offset", "nms_threshold")},
     }
 
 
@@ -425,14 +435,16 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     from transformers import SamConfig
 
     p = spec.params
-    int8 = spec.variant == "int8"
+    int8 = "vs_fp32" in p["checks"]
     producer = ctx.upstream_dir(spec, "quantize" if int8 else "export")
     for name in (ENCODER, DECODER):
         link_or_copy(producer / name, out / name)
     export_dir = ctx.upstream_dir(spec, "export")
     model_dir = Path(ctx.upstream_record(spec, "export")["model_dir"])
-    runtime = runtime_block(SamConfig.from_pretrained(model_dir), model_dir, p)
-    predictor = SamPredictor.from_sessions(make_session(out / ENCODER, low_memory=True), make_session(out / DECODER), runtime)
+    runtime = runtime_block(SamConfig.from_pretrained(model_dir), model_dir)
+    # Validation segments with the default settings; the published block carries the recipe's.
+    runtime_check = {**runtime, **runtime_defaults(SamRecipe.model_fields["runtime"].default.model_dump(mode="json"))}
+    predictor = SamPredictor.from_sessions(make_session(out / ENCODER, low_memory=True), make_session(out / DECODER), runtime_check)
     width, height = p["image"]
     image = validation_image(width, height)
     prompts = validation_prompts(width, height)
@@ -442,7 +454,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 
     if int8:
         fp32 = SamPredictor.from_sessions(make_session(export_dir / ENCODER, low_memory=True),
-                                          make_session(export_dir / DECODER), runtime)
+                                          make_session(export_dir / DECODER), runtime_check)
         fp32.set_image(image)
         a, b = predictor.embeddings.reshape(-1).astype(np.float64), fp32.embeddings.reshape(-1).astype(np.float64)
         cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -491,9 +503,6 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
                p["min_mask_iou"], worst_iou >= p["min_mask_iou"])
     results["encoder_runs"] = predictor.encoder_runs  # one: every prompt reused the cached embedding
 
-    failed = [c for c in checks if not c["passed"]]
-    results["passed"] = not failed
-    if failed:
-        detail = "; ".join(f"{c['check']}: {c['value']} (limit {c['limit']})" for c in failed)
-        raise ValidationFailed(f"failed, nothing published: {detail}")
+    results["checks_run"] = list(p["checks"])
+    fail_on(checks, results)
     return {"components": {"encoder": ENCODER, "decoder": DECODER}, "validation": results, "runtime": runtime}

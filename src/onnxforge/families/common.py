@@ -1,4 +1,4 @@
-"""Machinery every model family's build file shares: plans, sources, checks."""
+"""Build machinery every model family shares: plans, sources, checks, publishing. Knows no family by name."""
 
 from __future__ import annotations
 
@@ -9,31 +9,51 @@ from pathlib import Path
 
 from ..config import Recipe, resolve_named_config
 from ..sources import folder_fingerprint, hub_snapshot, local_folder
-from ..store import StageContext, StageSpec
+from ..store import StageContext, StageSpec, link_or_copy, onnx_files
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
 
-def builder_digest(module_file: str, *package_files: str) -> str:
-    """Digest of a family's build code (its module + the package files it names): editing it rebuilds."""
-    files = [Path(module_file).resolve(), PACKAGE / "models" / "common.py", PACKAGE / "quantize.py"]
+def builder_digest(family_dir: str, *package_files: str) -> str:
+    """Digest of a family's build code (every .py in its package + the shared build files + the package
+    files it names, e.g. its runtime): editing any of them rebuilds."""
+    folder = Path(family_dir).resolve()
+    folder = folder if folder.is_dir() else folder.parent
+    files = sorted(folder.glob("*.py")) + [PACKAGE / "families" / "common.py", PACKAGE / "quantize.py"]
     files += [PACKAGE / f for f in package_files]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
-def spec_factory(recipe: Recipe, module: str, family: str, builder: str):
-    """A `spec(stage, variant, params, upstream, publishes, doc)` for one recipe of one family.
+def spec_factory(recipe: Recipe, builder: str):
+    """A `spec(stage, variant, params, upstream, doc)` for one recipe; its family's `stages[stage]` builds it.
 
-    Each stage runs `<module>:<stage>_stage`; the builder digest is part of every stage's params.
+    The builder digest is part of every stage's params.
     """
-    extra = {"family": family, "recipe_file": recipe.path, "recipe_digest": recipe.text_digest}
+    extra = {"recipe_file": recipe.path, "recipe_digest": recipe.text_digest}
 
-    def spec(stage, variant, params, upstream, publishes=False, doc=""):
+    def spec(stage, variant, params, upstream, doc=""):
         return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params={**params, "builder": builder},
-                         fn=f"{module}:{stage}_stage", upstream=tuple(upstream), publishes=publishes, doc=doc,
+                         family=recipe.body.family, upstream=tuple(upstream), publishes=stage == "publish", doc=doc,
                          extra=extra)
 
     return spec
+
+
+def publish_spec(spec, variant: str, validate: StageSpec, runtime_defaults: dict) -> StageSpec:
+    """The publishing stage after a variant's validate stage: the recipe's runtime defaults live only
+    here, so changing one re-publishes without re-validating (store.publish_stage)."""
+    return spec("publish", variant, {"runtime": runtime_defaults}, [validate], doc="publish with runtime defaults")
+
+
+def fail_on(checks: list, results: dict) -> None:
+    """Mark the results passed, or stop the build naming every failed check: nothing is published."""
+    from ..store import ValidationFailed
+
+    failed = [c for c in checks if not c["passed"]]
+    results["passed"] = not failed
+    if failed:
+        detail = "; ".join(f"{c['check']}: {c['value']} (limit {c['limit']})" for c in failed)
+        raise ValidationFailed(f"failed, nothing published: {detail}")
 
 
 def source_params(recipe: Recipe, project_dir: Path) -> dict:
@@ -117,3 +137,19 @@ def ort_multihead_attention():
             return out
 
     return MultiHeadAttention
+
+
+def link_component(src_dir: Path, dst_dir: Path, onnx_file: str, copy_data: bool = False) -> None:
+    """Hard-link an ONNX file and its external data into another folder; copy_data: copy the external
+    data instead (onnx.load refuses external data with several hard links, as a possible hard-link attack)."""
+    import shutil
+
+    for i, f in enumerate(onnx_files(src_dir / onnx_file)):
+        if copy_data and i > 0:
+            shutil.copyfile(f, dst_dir / f.name)
+        else:
+            link_or_copy(f, dst_dir / f.name)
+
+
+def component_bytes(folder: Path, onnx_file: str) -> int:
+    return sum(f.stat().st_size for f in onnx_files(folder / onnx_file))

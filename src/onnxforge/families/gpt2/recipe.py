@@ -1,0 +1,96 @@
+"""The GPT-2 recipe: YAML keys, types, defaults and limits (validated into frozen models)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from ...config import RecipeBody, Source, Strict
+
+
+
+class ExportConfig(Strict):
+    opset: int = Field(default=18, ge=14, le=23)
+
+
+class ValidateConfig(Strict):
+    logits_atol: float = Field(default=1e-4, gt=0)
+    greedy_tokens: int = Field(default=32, ge=1, le=1024)
+    greedy_prompt: str = Field(default="The old lighthouse", min_length=1)
+    eval_text: str = Field(default="calibration/eval-text.txt")
+    eval_window: int = Field(default=128, ge=8)
+
+
+class RuntimeConfig(Strict):
+    prompt_template: str = Field(
+        default="A detailed, imaginative painting of {word},",
+        description="must contain {word}",
+    )
+
+    @model_validator(mode="after")
+    def has_word(self):
+        if "{word}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {word}")
+        return self
+
+
+class BaseVariant(Strict):
+    pass
+
+
+class KvVariant(Strict):
+    pass
+
+
+class PrunedVariant(Strict):
+    ratio: Annotated[float, Field(gt=0.0, le=0.9)] = 0.25
+    # Refuse to ship a pruned model whose perplexity grew more than this factor
+    # over the unpruned one (None: record only).
+    max_perplexity_ratio: float | None = Field(default=None, gt=1.0)
+
+
+class KvInt8Variant(Strict):
+    op_types: tuple[Literal["MatMul", "Gemm"], ...] = ("MatMul", "Gemm")
+    per_channel: bool = False
+    reduce_range: bool = False
+    # GPT-2's output projection is the transposed token embedding (tied): store it int8 too. Decode
+    # reads every weight once per token, and this one is 1/7 of gpt2-medium's.
+    quantize_lm_head: bool = True
+    # Fuse Gelu and residual+LayerNorm (onnxruntime.transformers optimizer) before quantizing: fewer,
+    # bigger kernels per decoded token.
+    fuse: bool = True
+    min_top1_agreement: float = Field(default=0.9, ge=0.0, le=1.0)
+    min_logit_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
+
+
+class Gpt2Variants(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    base: BaseVariant | None = None
+    kv: KvVariant | None = None
+    pruned: PrunedVariant | None = None
+    kv_int8: KvInt8Variant | None = Field(default=None, alias="kv-int8")
+
+    def enabled(self) -> dict[str, Strict]:
+        out = {}
+        for field, info in type(self).model_fields.items():
+            value = getattr(self, field)
+            if value is not None:
+                out[info.alias or field] = value
+        return out
+
+
+class Gpt2Recipe(RecipeBody):
+    family: Literal["gpt2"]
+    source: Source
+    export: ExportConfig = ExportConfig()
+    validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
+    runtime: RuntimeConfig = RuntimeConfig()
+    variants: Gpt2Variants
+
+    @model_validator(mode="after")
+    def some_variant(self):
+        if not self.variants.enabled():
+            raise ValueError("variants: name at least one of base, kv, pruned, kv-int8")
+        return self
+

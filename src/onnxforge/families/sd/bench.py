@@ -1,0 +1,171 @@
+"""Stable Diffusion benchmark jobs for the shared harness (onnxforge/bench.py).
+
+Per variant, each in its own child process, runtime only (numpy + onnxruntime), like a user's program:
+  text_encoder   one call at batch 2 x 77 tokens (prompt + negative prompt)
+  unet           one denoising step with guidance (batch 2) at each of `sizes` (square, px)
+  vae_decoder    latents -> picture at each size (batch 1)
+  vae_encoder    picture -> latents at each size (batch 1)
+  image          a whole picture: `image_steps` steps at `image_size` px (0: skip)
+Each: load time, `runs` timed calls after `warmup` untimed ones, peak RSS of the process. Inputs come from
+the submodule table (submodules.py), shapes from the manifest's runtime block.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .submodules import SUBMODULES
+
+
+def _sizes(text) -> list[int]:
+    try:
+        sizes = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"--sizes {text!r}: expected comma-separated pixel sizes, e.g. 256,512") from None
+    return sizes
+
+
+SETTINGS = {
+    "sizes": ("256,512", str, "square picture sizes for the per-submodule runs"),
+    "runs": (3, int, "timed calls per submodule and size"),
+    "warmup": (1, int, "untimed calls first"),
+    "image_size": (None, int, "whole-picture size in px (default: the manifest's)"),
+    "image_steps": (25, int, "whole-picture steps, 0 = skip"),
+    "image_runs": (1, int, "whole pictures timed"),
+    "low_memory": (False, bool, "draw the whole picture one submodule at a time (its load time counts)"),
+}
+HEADERS = ("submodule", "size", "mode", "ms mean", "p50", "p95", "peak RSS MiB", "load s", "MiB on disk")
+PANELS = (("UNet step ms, batch 2 (largest size)", lambda r: _largest(r, "unet")),
+          ("VAE decoder ms (largest size)", lambda r: _largest(r, "vae_decoder")),
+          ("whole picture s", lambda r: r["image"]["image_ms"]["mean"] / 1e3 if r["image"] else None),
+          ("MiB on disk", lambda r: r["size_mib"]))
+
+
+def _largest(r: dict, sub: str):
+    by_size = r["submodules"].get(sub, {})
+    return by_size[max(by_size, key=int)]["ms"]["mean"] if by_size else None
+
+
+def check(s: dict) -> None:
+    sizes = _sizes(s["sizes"])
+    if s["runs"] < 1 or s["warmup"] < 0 or s["image_steps"] < 0 or s["image_runs"] < 1 or not sizes or min(sizes) < 8:
+        raise ValueError("runs and image runs must be >= 1, warmup and image steps >= 0, sizes >= 8 px")
+
+
+def jobs(manifest: dict, s: dict) -> list[dict]:
+    base = {"runs": s["runs"], "warmup": s["warmup"]}
+    out = [{**base, "what": "text_encoder", "size": 0}]
+    out += [{**base, "what": sub, "size": size} for sub in ("unet", "vae_decoder", "vae_encoder") for size in _sizes(s["sizes"])]
+    if s["image_steps"] > 0:
+        out.append({"what": "image", "size": s["image_size"] or manifest["runtime"]["width"], "steps": s["image_steps"],
+                    "runs": s["image_runs"], "warmup": 0, "low_memory": s["low_memory"]})
+    return out
+
+
+def _inputs(name: str, rt: dict, size: int) -> dict:
+    """Bench inputs: random latents/pictures of the size, and a 20-token prompt for the text encoder."""
+    rng = np.random.default_rng(0)
+    n = rt["max_length"]
+    ids = np.full((2, n), rt["pad_id"], np.int64)
+    ids[:, 0], ids[:, 1:20], ids[:, 20] = rt["bos_id"], rng.integers(0, 300, (2, 19)), rt["eos_id"]
+    batch = 2 if SUBMODULES[name].cfg_batch else 1
+    return SUBMODULES[name].example(rt, batch, size, size, ids, rng)
+
+
+def child(job: dict, a) -> dict:
+    from ...bench import peak_rss_mib, stats
+
+    if job["what"] == "image":
+        from ...runtime.sd import StableDiffusion
+
+        t0 = time.perf_counter()
+        sd = StableDiffusion(a, threads=job["threads"], low_memory=job["low_memory"])
+        load_s = time.perf_counter() - t0
+        totals, per_step = [], []
+        for i in range(job["warmup"] + job["runs"]):
+            g = sd.generate("a lighthouse on a rocky cliff at dusk, oil painting", steps=job["steps"], seed=i,
+                            width=job["size"], height=job["size"])
+            if i >= job["warmup"]:
+                totals.append(g.timings["total_s"] * 1e3)
+                per_step.append(g.timings["unet_s_per_step"] * 1e3)
+        return {"load_s": round(load_s, 3), "image_ms": stats(totals), "unet_step_ms_in_image": stats(per_step),
+                "unet_calls": g.timings["unet_steps"], "low_memory": job["low_memory"], "peak_rss_mib": peak_rss_mib()}
+    name = job["what"]
+    t0 = time.perf_counter()
+    session = a.session(name, threads=job["threads"])
+    load_s = time.perf_counter() - t0
+    rss_loaded = peak_rss_mib()
+    inputs = _inputs(name, a.runtime, job["size"])
+    times = []
+    for i in range(job["warmup"] + job["runs"]):
+        t = time.perf_counter()
+        session.run(None, inputs)
+        if i >= job["warmup"]:
+            times.append((time.perf_counter() - t) * 1e3)
+    return {"load_s": round(load_s, 3), "ms": stats(times), "peak_rss_mib_after_load": rss_loaded,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def collect(manifest: dict, done: list) -> dict:
+    quant = next((s for s in manifest["stages"] if s["stage"] == "quantize"), None)
+    mib = {n: round(sum(f["bytes"] for f in c["files"]) / 2**20, 2) for n, c in manifest["components"].items()}
+    out = {"component_mib": mib, "size_mib": round(sum(mib.values()), 2), "submodules": {}, "image": None,
+           "modes": {n: quant["submodules"][n]["mode"] if quant else "float" for n in manifest["components"]}}
+    for job, r in done:
+        if job["what"] == "image":
+            out["image"] = {"size": job["size"], "steps": job["steps"], **r}
+        else:
+            out["submodules"].setdefault(job["what"], {})[str(job["size"]) if job["size"] else "77 tokens"] = r
+    return out
+
+
+def ratios(results: dict) -> dict:
+    """Speed-up and size fraction of each variant against fp32 (measured in this run)."""
+    out: dict = {}
+    if "fp32" not in results:
+        return out
+    ref = results["fp32"]
+    for name, r in results.items():
+        if name == "fp32":
+            continue
+        entry = {"size_fraction": round(r["size_mib"] / ref["size_mib"], 4)}
+        for sub, by_size in r["submodules"].items():
+            for size, v in by_size.items():
+                base = ref["submodules"].get(sub, {}).get(size)
+                if base:
+                    entry[f"{sub}@{size} speedup"] = round(base["ms"]["mean"] / v["ms"]["mean"], 3)
+        if r["image"] and ref["image"]:
+            entry["image speedup"] = round(ref["image"]["image_ms"]["mean"] / r["image"]["image_ms"]["mean"], 3)
+        out[name] = entry
+    return out
+
+
+def rows(name: str, r: dict) -> list[list[str]]:
+    out = []
+    for sub, by_size in r["submodules"].items():
+        for size, v in by_size.items():
+            out.append([sub, size, r["modes"].get(sub, "?"), f"{v['ms']['mean']:.1f}", f"{v['ms']['p50']:.1f}",
+                        f"{v['ms']['p95']:.1f}", f"{v['peak_rss_mib']:.0f}", f"{v['load_s']:.2f}",
+                        f"{r['component_mib'].get(sub, 0):.1f}"])
+    if r["image"]:
+        im = r["image"]
+        out.append([f"whole image ({im['steps']} steps)", str(im["size"]), "low-memory" if im["low_memory"] else "",
+                    f"{im['image_ms']['mean']:.0f}", f"{im['image_ms']['p50']:.0f}", f"{im['image_ms']['p95']:.0f}",
+                    f"{im['peak_rss_mib']:.0f}", f"{im['load_s']:.2f}", f"{r['size_mib']:.1f}"])
+    return out
+
+
+def summary(r: dict) -> dict:
+    return {k: r[k] for k in ("submodules", "image", "size_mib")}
+
+
+def describe(b: dict) -> str:
+    unet = b["submodules"].get("unet", {})
+    parts = [f"UNet step (batch 2) {v['ms']['mean']:.1f} ms at {s} px" for s, v in unet.items()]
+    if b.get("image"):
+        im = b["image"]
+        parts.append(f"whole {im['size']} px picture ({im['steps']} steps) {im['image_ms']['mean'] / 1e3:.1f} s, "
+                     f"peak RSS {im['peak_rss_mib']:.0f} MiB")
+    return "; ".join(parts) or "no figures"

@@ -1,0 +1,155 @@
+"""Stable Diffusion export stage: the four submodules + tokenizer.json + scheduler_config.json, with parity
+vs PyTorch per submodule (fails the build over the recipe's tolerance). UNet/VAE attention becomes
+onnxruntime's MultiHeadAttention (flash attention on CPU) unless export.fused_attention is false.
+
+Each submodule is exported on its own with the TorchScript exporter: its node names are module paths such
+as /unet/down_blocks.0/resnets.0/conv_shortcut/Conv, which is what a recipe's keep_float patterns select.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ...runtime.artifact import make_session
+from ...store import StageContext, StageSpec, ValidationFailed
+from ..common import ORT_CUSTOM_OPSETS, component_bytes, model_dir_of
+from .submodules import (FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON, dynamic_axes,
+                         example_inputs, model_info)
+
+EXTERNAL_DATA_BYTES = 1.8e9
+# Texts on which the runtime's tokenization must equal transformers' CLIPTokenizer (export stage).
+TOKENIZER_CHECK_TEXTS = ("", "a lighthouse on a rocky cliff at dusk, oil painting",
+                         "A Lighthouse,  at DUSK!! 1984 \u2014 caf\u00e9 o'clock", "  spaces\tand\nnew lines  ",
+                         "a red fox's den, 3 cubs; 12:30 pm - watercolor & ink", "zebra quokka xylophone")
+
+
+def _fix_output_dims(path: Path, name: str, info: dict, batch: int, width: int, height: int, axes: dict) -> None:
+    """Outputs' fixed dims as numbers: the exporter sometimes leaves generated names there
+    (e.g. last_hidden_state's 77 as 'LayerNormalizationlast_hidden_state_dim_1')."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # external data references stay as they are
+    for value, shape in zip(model.graph.output, SUBMODULES[name].output_shapes(info, batch, width, height)):
+        dims = value.type.tensor_type.shape.dim
+        for j, d in enumerate(dims):
+            if j in axes.get(value.name, {}):
+                d.dim_param = axes[value.name][j]
+            else:
+                d.dim_value = shape[j]
+    onnx.save_model(model, str(path))
+
+
+def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.ndarray) -> None:
+    """torch.onnx.export (TorchScript) of one submodule, then saved with one external-data file if needed."""
+    import onnx
+    import torch
+
+    width, height = p["validate"]["sizes"][0]
+    batch = 2 if SUBMODULES[name].cfg_batch else 1  # CFG batch for the traced example
+    if name == "unet" and p["dynamic_size"]:
+        # Trace at a latent size that the UNet's up-sampling factor does not divide: diffusers then
+        # takes its explicit-size path (upsample to the skip connection's size), which the graph keeps,
+        # so any multiple-of-8 picture works, not only multiples of 8 x the up factor.
+        f = info["vae_scale_factor"]
+        side = (2 * info["unet_up_factor"] + 1) * f
+        width = height = side
+    fused = p["fused_attention"] and name != "text_encoder"  # CLIP's attention stays as exported
+    example = example_inputs(name, info, batch, width, height, token_ids, seed=0)
+    args = tuple(torch.from_numpy(v) for v in example.values())
+    scratch = out / f".export-{name}"
+    scratch.mkdir()
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, args, str(scratch / "model.onnx"), input_names=IO[name]["inputs"],
+                              output_names=IO[name]["outputs"],
+                              dynamic_axes=dynamic_axes(name, p["dynamic_batch"], p["dynamic_size"]),
+                              opset_version=p["opset"], dynamo=False,
+                              custom_opsets=ORT_CUSTOM_OPSETS if fused else None)
+        _fix_output_dims(scratch / "model.onnx", name, info, batch, width, height,
+                         dynamic_axes(name, p["dynamic_batch"], p["dynamic_size"]))
+        n_bytes = sum(f.stat().st_size for f in scratch.iterdir())
+        if p["external_data"] == "always" or n_bytes > EXTERNAL_DATA_BYTES:
+            model = onnx.load(str(scratch / "model.onnx"))  # gathers the exporter's one-file-per-tensor data
+            onnx.save_model(model, str(out / FILES[name]), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=FILES[name] + ".data", size_threshold=1024)
+            del model
+        else:
+            (scratch / "model.onnx").rename(out / FILES[name])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        gc.collect()
+
+
+def parity(name: str, module, session, info: dict, p: dict, token_ids: np.ndarray) -> dict:
+    """Max abs diff ONNX vs PyTorch at every validate size, batch 2 then 1 (one size, one batch if fixed)."""
+    import torch
+
+    batches = [2, 1] if p["dynamic_batch"] else [2 if SUBMODULES[name].cfg_batch else 1]
+    sizes = p["validate"]["sizes"] if name != "text_encoder" else p["validate"]["sizes"][:1]
+    worst, runs = 0.0, []
+    for width, height in sizes:
+        for batch in batches:
+            inputs = example_inputs(name, info, batch, width, height, token_ids, seed=1 + batch)
+            with torch.no_grad():
+                ref = module(*(torch.from_numpy(v) for v in inputs.values()))
+            ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+            ours = session.run(None, inputs)
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
+            scale = max(float(np.abs(r).max()) for r in ref)
+            runs.append({"size": [width, height], "batch": batch, "max_abs_diff": diff, "output_max_abs": scale})
+            worst = max(worst, diff)
+    return {"max_abs_diff": worst, "runs": runs}
+
+
+def clip_token_ids(tokenizer, prompts: list[str], max_length: int) -> np.ndarray:
+    return np.asarray(tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True)["input_ids"],
+                      dtype=np.int64)
+
+
+def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    from ...runtime.sd import ClipTokenizer
+
+    p = spec.params
+    model_dir = model_dir_of(ctx, spec, "source")
+    info = model_info(model_dir)
+    slow = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
+    token_ids = clip_token_ids(slow, [p["validate"]["prompt"], ""], info["max_length"])
+
+    # Tokenizer: tokenizer.json for the runtime (converted from the repo's vocab.json + merges.txt).
+    (out / TOKENIZER_DIR).mkdir()
+    fast = CLIPTokenizerFast.from_pretrained(model_dir / "tokenizer")
+    fast.backend_tokenizer.save(str(out / TOKENIZER_JSON))
+    info.update(bos_id=slow.bos_token_id, eos_id=slow.eos_token_id, pad_id=slow.pad_token_id)
+    shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / SCHEDULER_CONFIG)
+
+    # The runtime's tokenization == CLIPTokenizer's on the validation prompt, the calibration prompts
+    # and a prompt longer than the text encoder reads.
+    rt_tok = ClipTokenizer(out / TOKENIZER_JSON, info["max_length"], info["bos_id"], info["eos_id"], info["pad_id"])
+    texts = [p["validate"]["prompt"], *TOKENIZER_CHECK_TEXTS, " ".join(TOKENIZER_CHECK_TEXTS * 4)]  # the last: > 77 tokens
+    mismatches = [t for t in texts if not np.array_equal(rt_tok(t, warn=False)[0][0], clip_token_ids(slow, [t], info["max_length"])[0])]
+
+    parities, sizes = {}, {}
+    for name, sub in SUBMODULES.items():
+        module = sub.torch_module(model_dir, p["fused_attention"])
+        export_one(name, module, info, out, p, token_ids)
+        session = make_session(out / FILES[name], low_memory=True)
+        parities[name] = parity(name, module, session, info, p, token_ids)
+        parities[name]["atol"] = p["validate"]["atol"][name]
+        sizes[name] = component_bytes(out, FILES[name])
+        del module, session
+        gc.collect()
+    failed = [f"{n}: max abs diff {r['max_abs_diff']:.3g} > {r['atol']:g}" for n, r in parities.items()
+              if not r["max_abs_diff"] <= r["atol"]]
+    if mismatches:
+        failed.append(f"tokenizer.json disagrees with CLIPTokenizer on {len(mismatches)} text(s), e.g. {mismatches[0][:60]!r}")
+    if failed:
+        raise ValidationFailed("export does not match PyTorch: " + "; ".join(failed))
+    return {"model_dir": str(model_dir), "info": info, "parity": parities,
+            "recorded": {"parity_max_abs_diff": {n: r["max_abs_diff"] for n, r in parities.items()},
+                         "bytes": sizes, "tokenizer_texts_checked": len(texts)}}

@@ -1,0 +1,202 @@
+"""The Stable Diffusion recipe: YAML keys, types, defaults and limits (validated into frozen models)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from ...config import RecipeBody, Source, Strict
+
+
+SD_SUBMODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+SD_SCHEDULERS = ("pndm", "ddim", "euler", "dpm++2m")  # runtime/schedulers.py SCHEDULER_NAMES
+SdScheduler = Literal["pndm", "ddim", "euler", "dpm++2m"]
+ImageSide = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]
+
+
+class SdTokenizer(Strict):
+    """A CLIP-style BPE (lower-cased, `</w>` word ends) trained on local text: only for random weights."""
+
+    train_on: str = Field(min_length=1, description="text file, relative to the project root")
+    vocab_size: int = Field(ge=300, le=49408)
+
+
+class SdRandomSource(Strict):
+    # {text_encoder: CLIPTextConfig kwargs, unet: UNet2DConditionModel config, vae: AutoencoderKL
+    # config, scheduler: scheduler_config.json} inline, or the name of such a file in recipes/configs/.
+    config: dict[str, Any] | str
+    seed: int = Field(ge=0)
+    tokenizer: SdTokenizer
+
+
+class SdSource(Source):
+    random: SdRandomSource | None = None
+
+
+class SdExportConfig(Strict):
+    opset: int = Field(default=18, ge=14, le=23)
+    dynamic_batch: bool = True  # batch is a named dim (CFG runs the UNet at batch 2, plain at 1)
+    dynamic_size: bool = True  # height/width are named dims (UNet, VAE); False fixes validate.size
+    # auto: external data only where protobuf needs it (>2 GB: the real UNet); always: every component
+    # (the tiny recipe uses it so tests cover the external-data path).
+    external_data: Literal["auto", "always"] = "auto"
+    # UNet and VAE attention as onnxruntime's MultiHeadAttention (com.microsoft), which runs a tiled
+    # flash-attention kernel on CPU instead of MatMul -> Softmax -> MatMul over the full score matrix
+    # (batch x heads x 4096 x 4096 at 64x64 latents). Measured at 512 px (batch 2, 8 heads, AVX2): 2.5x
+    # faster per attention and ~1 GiB less peak memory. false: plain ONNX ops, for other runtimes.
+    fused_attention: bool = True
+
+
+class SdTolerances(Strict):
+    """Max abs diff ONNX vs PyTorch per submodule, on seeded inputs."""
+
+    text_encoder: float = Field(default=1e-4, gt=0)
+    unet: float = Field(default=1e-4, gt=0)
+    vae_decoder: float = Field(default=1e-3, gt=0)
+    vae_encoder: float = Field(default=1e-3, gt=0)
+
+
+class SdValidateConfig(Strict):
+    atol: SdTolerances = SdTolerances()
+    # Parity runs at every one of these (width, height) image sizes, batch 2 then 1: proves the dynamic dims.
+    sizes: tuple[tuple[ImageSide, ImageSide], ...] = Field(default=((64, 64),), min_length=1)
+    prompt: str = Field(default="a lighthouse on a rocky cliff at dusk", min_length=1)
+
+
+class SdCalibrationConfig(Strict):
+    """Calibration inputs gathered from full denoising trajectories of real prompts."""
+
+    prompts: str = Field(default="calibration/sd-prompts.txt", description="one prompt per line; # comments")
+    max_prompts: int | None = Field(default=None, ge=2, description="use the first N prompts (None: all)")
+    held_out: int = Field(default=2, ge=1, description="the last N prompts: quality measurement, never calibration")
+    steps: int = Field(default=25, ge=2, le=200)
+    guidance_scale: float = Field(default=7.5, gt=1.0, le=50.0)
+    scheduler: SdScheduler = "pndm"
+    size: tuple[ImageSide, ImageSide] = (512, 512)
+    seed: int = Field(default=0, ge=0)
+    negative_prompt: str = ""
+    # UNet calibration batches: 2 (uncond + cond, as the pipeline runs it) or 1 (each half alone:
+    # about half the calibration memory on the full-size UNet).
+    unet_batch: Literal[1, 2] = 2
+
+    @model_validator(mode="after")
+    def enough_prompts(self):
+        if self.max_prompts is not None and self.held_out >= self.max_prompts:
+            raise ValueError(f"held_out ({self.held_out}) must be smaller than max_prompts ({self.max_prompts})")
+        return self
+
+
+class SdQualityConfig(Strict):
+    """End-to-end comparison of each quantized variant with fp32: same held-out prompts, seed, settings."""
+
+    steps: int = Field(default=25, ge=1, le=200)
+    size: tuple[ImageSide, ImageSide] = (512, 512)
+    guidance_scale: float = Field(default=7.5, ge=1.0, le=50.0)
+    scheduler: SdScheduler = "pndm"
+    seed: int = Field(default=0, ge=0)
+    images: int = Field(default=2, ge=1, le=64, description="held-out prompts drawn (at most calibration.held_out)")
+    # Held-out calibration inputs per quantized submodule for cosine/SNR, evenly spread over the
+    # trajectories (for the UNet: early, middle and late timesteps).
+    submodule_items: int = Field(default=12, ge=1, le=10_000)
+    # A CLIP model (Hub id in the local HF cache, or a local folder) for CLIP score; skipped with a note if absent.
+    clip_model: str | None = "openai/clip-vit-base-patch32"
+
+
+class SdRuntimeConfig(Strict):
+    """Defaults the runtime reads from the manifest (the CLI and API can override them)."""
+
+    scheduler: SdScheduler = "pndm"
+    steps: int = Field(default=25, ge=1, le=1000)
+    max_steps: int = Field(default=200, ge=1, le=1000, description="more steps than this is refused as absurd")
+    guidance_scale: float = Field(default=7.5, ge=1.0, le=50.0)
+    size: tuple[ImageSide, ImageSide] = (512, 512)
+    min_size: ImageSide = 64
+    max_size: ImageSide = 1024
+
+    @model_validator(mode="after")
+    def consistent(self):
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}")
+        if not all(self.min_size <= s <= self.max_size for s in self.size):
+            raise ValueError(f"size {list(self.size)} is outside [min_size, max_size] = [{self.min_size}, {self.max_size}]")
+        if self.steps > self.max_steps:
+            raise ValueError(f"steps {self.steps} exceeds max_steps {self.max_steps}")
+        return self
+
+
+class SdQuant(Strict):
+    """How one submodule of one variant is stored: float, static int8 (QDQ) or dynamic int8."""
+
+    mode: Literal["float", "static", "dynamic"] = "float"
+    op_types: tuple[Literal["Conv", "MatMul", "Gemm"], ...] = Field(default=("MatMul",), min_length=1)
+    activation_type: Literal["QUInt8", "QInt8"] = "QUInt8"  # static only; u8 is 1.5-3x faster here
+    weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
+    per_channel: bool = False
+    # 7-bit weights. On CPUs without VNNI (AVX2) onnxruntime multiplies u8 x s8 with VPMADDUBSW, whose
+    # 16-bit pair sums saturate with 8-bit weights (onnxruntime's quantization docs). Measured on an AVX2
+    # EPYC: SD v1.4 UNet dynamic int8 cosine vs fp32 at t=901 0.9954 (8 bit) -> 0.99992 (7 bit), same
+    # speed. GPT-2 and SAM lose accuracy with 7 bits instead, so their default stays 8.
+    reduce_range: bool = True
+    calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = "MinMax"  # static only
+    # Static: quantize only MatMuls with a constant weight (activation x activation MatMuls, i.e.
+    # attention scores, stay float: QLinearMatMul there is slower than float on this CPU).
+    weight_matmuls_only: bool = True
+    # Static only: op types quantized dynamically after the static pass (weights int8, activations
+    # quantized on the fly). On an AVX2 CPU static QLinearConv is ~1.8x faster than fp32 Conv, while
+    # dynamic int8 MatMul is faster and more accurate than static QLinearMatMul: the UNet takes both.
+    # per_channel applies to the static pass; the dynamic one keeps per-tensor weights (as mode dynamic).
+    dynamic_op_types: tuple[Literal["MatMul", "Gemm"], ...] = ()
+    # Nodes kept in float: a module path segment ("conv_in", "down_blocks.0/resnets.0/conv1"), a glob
+    # over node names ("*time_emb*"), or "op:Softmax". None: the family's defaults for this submodule
+    # (UNet: time embedding and its projections, conv_in, conv_out, conv_shortcut, down-samplers,
+    # proj_in/proj_out, softmax). A pattern given here that matches no node fails the build.
+    keep_float: tuple[str, ...] | None = None
+    # Floors on the mean over held-out inputs of this submodule's outputs vs fp32 (None: record only).
+    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+    min_snr_db: float | None = None
+
+    @model_validator(mode="after")
+    def dynamic_after_static(self):
+        if self.dynamic_op_types and self.mode != "static":
+            raise ValueError(f"dynamic_op_types is for mode static (then dynamic); with mode {self.mode} use op_types")
+        both = set(self.dynamic_op_types) & set(self.op_types)
+        if both:
+            raise ValueError(f"{sorted(both)} in both op_types and dynamic_op_types: quantize each op type once")
+        return self
+
+
+class SdVariant(Strict):
+    text_encoder: SdQuant = SdQuant()
+    unet: SdQuant = SdQuant()
+    vae_decoder: SdQuant = SdQuant()
+    vae_encoder: SdQuant = SdQuant()
+    # End-to-end floors vs the fp32 pipeline (mean over the quality images; None: record only).
+    min_psnr_db: float | None = None
+    min_ssim: float | None = Field(default=None, ge=-1.0, le=1.0)
+    min_clip_score: float | None = Field(default=None, ge=0.0, le=100.0)
+
+    def quantized(self) -> dict[str, SdQuant]:
+        return {name: getattr(self, name) for name in SD_SUBMODULES if getattr(self, name).mode != "float"}
+
+
+class SdRecipe(RecipeBody):
+    family: Literal["sd"]
+    source: SdSource
+    export: SdExportConfig = SdExportConfig()
+    validate_: SdValidateConfig = Field(default=SdValidateConfig(), alias="validate")
+    calibration: SdCalibrationConfig = SdCalibrationConfig()
+    quality: SdQualityConfig = SdQualityConfig()
+    runtime: SdRuntimeConfig = SdRuntimeConfig()
+    # Variant name -> per-submodule storage. A variant with every submodule float is an fp32 artifact.
+    variants: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$")], SdVariant]
+
+    @model_validator(mode="after")
+    def some_variant(self):
+        if not self.variants:
+            raise ValueError("variants: name at least one variant, e.g. fp32: {} (and int8: {unet: {mode: static}})")
+        if self.quality.images > self.calibration.held_out:
+            raise ValueError(f"quality.images ({self.quality.images}) exceeds calibration.held_out "
+                             f"({self.calibration.held_out}): quality images use held-out prompts")
+        return self
+
