@@ -24,7 +24,7 @@ demo: build
 test: setup
 	$(VENV)/bin/pytest -q
 
-# By hand, not in CI: gpt2-medium architecture with random weights (~6 GB, ~1 h on 2 cores).
+# By hand, not in CI: gpt2-medium architecture with random weights (~6 GB; ~11 min build, ~40 min bench on 2 cores).
 bench-medium: setup
 	$(VENV)/bin/doit build recipes=gpt2-medium-random
 	$(VENV)/bin/onnxforge bench --recipe gpt2-medium-random --out docs/benchmarks/gpt2-medium-random
@@ -35,7 +35,7 @@ bench-sam-base: setup
 	$(VENV)/bin/onnxforge bench --recipe sam-vit-base-random --runs 5 --prompts 20 --points-per-side 16 \
 		--image 1024x768 --out docs/benchmarks/sam-vit-base-random
 
-# By hand, not in CI: SD v1.4 architecture with random weights (calibration included; ~31 min build, ~20 min bench).
+# By hand, not in CI: SD v1.4 architecture with random weights (calibration included; ~23 min build, ~27 min bench on the AVX2 EPYC).
 bench-sd-random: setup
 	$(VENV)/bin/doit build recipes=sd-v1-4-random
 	$(VENV)/bin/onnxforge bench --recipe sd-v1-4-random --sizes 256,512 --runs 3 --warmup 1 \

@@ -33,6 +33,19 @@ def _generate(args) -> int:
     return 0
 
 
+def _brief(record: dict, limit: int = 240) -> str:
+    """`key=value` pairs up to about `limit` characters, cut between pairs, never inside a word or number."""
+    parts, used = [], 0
+    for key, value in record.items():
+        part = f"{key}={json.dumps(value, separators=(',', ':'))}"
+        if parts and used + len(part) > limit:
+            parts.append(f"... ({len(record) - len(parts)} more: inspect --json)")
+            break
+        parts.append(part if len(part) <= limit else part[:limit].rsplit(",", 1)[0] + ",...}")
+        used += len(part) + 1
+    return " ".join(parts)
+
+
 def _inspect(args) -> int:
     from .runtime import artifact as art
 
@@ -57,7 +70,7 @@ def _inspect(args) -> int:
         stages.add_column(col)
     for s in m["stages"]:
         rest = {k: v for k, v in s.items() if k not in ("stage", "digest")}
-        stages.add_row(s["stage"], s["digest"], json.dumps(rest)[:200])
+        stages.add_row(s["stage"], s["digest"], _brief(rest))
     con.print(stages)
     for name, comp in m["components"].items():
         t = Table(title=f"component {name}: {comp['file']} (opset {comp['opset']})")

@@ -157,7 +157,7 @@ def load_recipe(path: str | Path) -> Recipe:
             if allowed:
                 line += f"; allowed: {', '.join(allowed)}"
         raise RecipeError(line) from None
-    if isinstance(getattr(body.source.random, "config", None), str):
+    if isinstance(getattr(getattr(getattr(body, "source", None), "random", None), "config", None), str):
         try:
             resolve_named_config(body.source.random.config, path.parent)
         except RecipeError as exc:

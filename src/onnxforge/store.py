@@ -23,6 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict
+
 from .runtime.artifact import LATEST, MANIFEST, SCHEMA_VERSION, sha256_file, write_json_atomic
 
 STAGE_MARKER = "stage.json"
@@ -46,6 +48,17 @@ def toolchain_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
     return out
 
 
+class StageParams(BaseModel):
+    """A stage's typed, frozen parameters, handed from the family's planner to its stage function (any
+    frozen pydantic model will do, e.g. a recipe section). The stage digest is computed from their JSON dump."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PublishParams(StageParams):
+    runtime: dict  # the recipe's runtime defaults, in the manifest runtime block's shape
+
+
 def digest_of(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
@@ -57,8 +70,9 @@ class StageSpec:
     stage: str  # a name in the family's `stages` (source, export, quantize, validate, publish, ...)
     recipe: str
     variant: str | None
-    params: dict
+    params: BaseModel  # the stage's typed parameters (a StageParams, or a frozen recipe section)
     family: str  # the registry entry whose `stages[stage]` builds it
+    builder: str  # digest of the family's build code: editing it rebuilds
     upstream: tuple["StageSpec", ...] = ()
     publishes: bool = False  # the last stage of a variant publishes the artifact
     doc: str = ""
@@ -68,7 +82,8 @@ class StageSpec:
     def digest(self) -> str:
         return digest_of({
             "stage": self.stage,
-            "params": self.params,
+            "params": self.params.model_dump(mode="json"),
+            "builder": self.builder,
             "upstream": [u.digest for u in self.upstream],
             "toolchain": toolchain_versions(self.toolchain),
         })
@@ -248,7 +263,7 @@ def publish_stage(spec: StageSpec, out: Path, ctx: "StageContext") -> dict:
         if f.is_file() and f.name != STAGE_MARKER:
             link_or_copy(f, out / f.relative_to(src), link_data=True)
     return {"components": record["components"], "validation": record["validation"],
-            "runtime": {**record["runtime"], **spec.params["runtime"]}}
+            "runtime": {**record["runtime"], **spec.params.runtime}}
 
 
 def stage_chain(spec: StageSpec) -> list[StageSpec]:
@@ -307,7 +322,7 @@ def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
             write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence means complete
         else:
             write_json_atomic(tmp / STAGE_MARKER, {"stage": spec.stage, "digest": spec.digest,
-                                                   "params": spec.params, **record})
+                                                   "params": spec.params.model_dump(mode="json"), **record})
     print(f"   {spec.stage}:{spec.task_name} done in {time.perf_counter() - started:.1f} s -> {out}")
 
 
@@ -320,7 +335,7 @@ def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) 
             rec = record
         else:
             rec = json.loads(s.target(ctx.root).read_text())
-        entry = {"stage": s.stage, "digest": s.digest, "params": s.params}
+        entry = {"stage": s.stage, "digest": s.digest, "params": s.params.model_dump(mode="json")}
         entry.update(rec.get("recorded", {}))
         stages.append(entry)
         if s.stage == "source":

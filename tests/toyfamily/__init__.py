@@ -15,7 +15,7 @@ from pydantic import Field
 from onnxforge.config import Recipe, RecipeBody, Strict
 from onnxforge.families.common import builder_digest, fail_on, publish_spec, record_check, spec_factory
 from onnxforge.families.family import Family
-from onnxforge.store import StageContext, StageSpec, publish_stage
+from onnxforge.store import StageContext, StageParams, StageSpec, publish_stage
 
 
 class ToyVariant(Strict):
@@ -39,30 +39,43 @@ class ToyRecipe(RecipeBody):
 BUILDER = builder_digest(__file__)
 
 
+class SourceParams(StageParams):
+    width: int
+    seed: int
+
+
+class ExportParams(StageParams):
+    scale: float
+
+
+class ValidateParams(StageParams):
+    checks: tuple[str, ...]
+
+
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     body: ToyRecipe = recipe.body
     spec = spec_factory(recipe, BUILDER)
-    source = spec("source", None, {"width": body.width, "seed": body.seed}, [], doc="draw the weights")
+    source = spec("source", None, SourceParams(width=body.width, seed=body.seed), [], doc="draw the weights")
     out = {}
     for name, v in body.variants.items():
-        export = spec("export", name, {"scale": v.scale}, [source], doc="write the ONNX graph")
-        upstream = [spec(body.extra_stage, name, {}, [export])] if body.extra_stage else [export]
-        validate = spec("validate", name, {"checks": ["parity"]}, upstream, doc="ONNX vs numpy")
+        export = spec("export", name, ExportParams(scale=v.scale), [source], doc="write the ONNX graph")
+        upstream = [spec(body.extra_stage, name, StageParams(), [export])] if body.extra_stage else [export]
+        validate = spec("validate", name, ValidateParams(checks=("parity",)), upstream, doc="ONNX vs numpy")
         out[name] = publish_spec(spec, name, validate, body.runtime.model_dump())
     return out
 
 
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
-    w = np.random.default_rng(spec.params["seed"]).standard_normal(spec.params["width"]).astype(np.float32)
+    w = np.random.default_rng(spec.params.seed).standard_normal(spec.params.width).astype(np.float32)
     np.save(out / "weights.npy", w)
-    return {"source": {"kind": "random", "seed": spec.params["seed"]}}
+    return {"source": {"kind": "random", "seed": spec.params.seed}}
 
 
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.load(ctx.upstream_dir(spec, "source") / "weights.npy") * np.float32(spec.params["scale"])
+    w = np.load(ctx.upstream_dir(spec, "source") / "weights.npy") * np.float32(spec.params.scale)
     graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "toy",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", w.size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", w.size])],

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..config import Recipe, resolve_named_config
 from ..sources import folder_fingerprint, hub_snapshot, local_folder
-from ..store import StageContext, StageSpec, link_or_copy, onnx_files
+from typing import Literal
+
+from ..store import PublishParams, StageContext, StageParams, StageSpec, link_or_copy, onnx_files
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -27,12 +29,12 @@ def builder_digest(family_dir: str, *package_files: str) -> str:
 def spec_factory(recipe: Recipe, builder: str):
     """A `spec(stage, variant, params, upstream, doc)` for one recipe; its family's `stages[stage]` builds it.
 
-    The builder digest is part of every stage's params.
+    params: the stage's typed StageParams; the builder digest is part of every stage's digest.
     """
     extra = {"recipe_file": recipe.path, "recipe_digest": recipe.text_digest}
 
-    def spec(stage, variant, params, upstream, doc=""):
-        return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params={**params, "builder": builder},
+    def spec(stage, variant, params: StageParams, upstream, doc=""):
+        return StageSpec(stage=stage, recipe=recipe.name, variant=variant, params=params, builder=builder,
                          family=recipe.body.family, upstream=tuple(upstream), publishes=stage == "publish", doc=doc,
                          extra=extra)
 
@@ -42,7 +44,19 @@ def spec_factory(recipe: Recipe, builder: str):
 def publish_spec(spec, variant: str, validate: StageSpec, runtime_defaults: dict) -> StageSpec:
     """The publishing stage after a variant's validate stage: the recipe's runtime defaults live only
     here, so changing one re-publishes without re-validating (store.publish_stage)."""
-    return spec("publish", variant, {"runtime": runtime_defaults}, [validate], doc="publish with runtime defaults")
+    return spec("publish", variant, PublishParams(runtime=runtime_defaults), [validate], doc="publish with runtime defaults")
+
+
+class SourceParams(StageParams):
+    """Where the weights come from (one of the recipe's hub / path / random); families add their own keys."""
+
+    kind: Literal["random", "hub", "path"]
+    config: dict | None = None  # random: the model config (a named config resolved)
+    seed: int | None = None
+    repo: str | None = None  # hub
+    revision: str | None = None
+    path: str | None = None  # path: the folder, and a cheap fingerprint of its files
+    files: list | None = None
 
 
 def fail_on(checks: list, results: dict) -> None:
@@ -69,12 +83,12 @@ def source_params(recipe: Recipe, project_dir: Path) -> dict:
     return {"kind": "path", "path": str(folder), "files": folder_fingerprint(folder)}
 
 
-def existing_model_dir(params: dict, ctx: StageContext, hub_files: list[str]) -> tuple[Path, dict]:
+def existing_model_dir(params: SourceParams, ctx: StageContext, hub_files: list[str]) -> tuple[Path, dict]:
     """A hub or path source's folder and its record for the manifest."""
-    if params["kind"] == "hub":
-        folder = hub_snapshot(params["repo"], params["revision"], hub_files)
-        return folder, {"kind": "hub", "repo": params["repo"], "revision": params["revision"]}
-    folder = local_folder(params["path"], ctx.project_dir)
+    if params.kind == "hub":
+        folder = hub_snapshot(params.repo, params.revision, hub_files)
+        return folder, {"kind": "hub", "repo": params.repo, "revision": params.revision}
+    folder = local_folder(params.path, ctx.project_dir)
     return folder, {"kind": "path", "path": str(folder)}
 
 

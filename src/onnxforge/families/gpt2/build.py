@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -19,9 +20,9 @@ from ...config import Recipe
 from ...runtime.artifact import make_session
 from ...runtime.text import CausalLM
 from ...sources import weights_sha256
-from ...store import StageContext, StageSpec, ValidationFailed, link_or_copy
-from ..common import (builder_digest, count_parameters, existing_model_dir, fail_on, model_dir_of, publish_spec,
-                      record_check, source_params, spec_factory)
+from ...store import StageContext, StageParams, StageSpec, ValidationFailed, link_or_copy
+from ..common import (SourceParams, builder_digest, count_parameters, existing_model_dir, fail_on, model_dir_of,
+                      publish_spec, record_check, source_params, spec_factory)
 from .recipe import Gpt2Recipe
 
 EOS = "<|endoftext|>"
@@ -37,7 +38,44 @@ CHECKS = {"base": ("parity",), "kv": ("parity", "cache"), "pruned": ("parity", "
           "kv-int8": ("vs_fp32",)}
 
 
-# ---- the plan: recipe -> stage specs ---------------------------------------
+# ---- the plan: recipe -> typed stage parameters ---------------------------------
+
+
+class Gpt2SourceParams(SourceParams):
+    train_steps: int = 0  # random: a short training on the tokenizer corpus
+    tokenizer: dict | None = None  # random: the trained BPE's settings and its corpus digest
+
+
+class PruneParams(StageParams):
+    ratio: float  # fraction of heads and MLP channels removed per layer
+
+
+class ExportParams(StageParams):
+    opset: int
+    with_past: bool  # one merged decoder with past key/values in and present out
+
+
+class QuantizeParams(StageParams):
+    op_types: tuple[str, ...]
+    per_channel: bool
+    reduce_range: bool
+    weight_type: str = "QInt8"
+    quantize_lm_head: bool  # the tied lm_head (transposed embedding) in int8 too
+    fuse: bool  # onnxruntime's transformer optimizer (FastGelu, SkipLayerNorm) first
+
+
+class ValidateParams(StageParams):
+    checks: tuple[Literal["parity", "cache", "perplexity", "vs_fp32"], ...]
+    logits_atol: float
+    greedy_tokens: int
+    greedy_prompt: str
+    eval_text: str
+    eval_text_sha256: str
+    eval_window: int
+    max_perplexity_ratio: float | None = None  # perplexity
+    min_top1_agreement: float | None = None  # vs_fp32
+    min_logit_cosine: float | None = None  # vs_fp32
+
 
 
 def _sha256_text(path: Path) -> str:
@@ -50,42 +88,47 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: Gpt2Recipe = recipe.body
     src = body.source
-    params = source_params(recipe, project_dir)
+    extra = {}
     if src.kind == "random":
         corpus = project_dir / src.random.tokenizer.train_on
-        params.update(train_steps=src.random.train_steps,
-                      tokenizer={**src.random.tokenizer.model_dump(), "corpus_sha256": _sha256_text(corpus)})
+        extra = {"train_steps": src.random.train_steps,
+                 "tokenizer": {**src.random.tokenizer.model_dump(), "corpus_sha256": _sha256_text(corpus)}}
     spec = spec_factory(recipe, BUILDER_DIGEST)
-    source = spec("source", None, params, [], doc=f"load {src.kind} weights and tokenizer")
+    source = spec("source", None, Gpt2SourceParams(**source_params(recipe, project_dir), **extra), [],
+                  doc=f"load {src.kind} weights and tokenizer")
     validate_common = {**body.validate_.model_dump(),
                        "eval_text_sha256": _sha256_text(project_dir / body.validate_.eval_text)}
-    runtime_defaults = body.runtime.model_dump()
     opset = body.export.opset
-    kv_export = spec("export", "kv", {"opset": opset, "with_past": True}, [source], doc="export decoder with KV cache")
+    kv_export = spec("export", "kv", ExportParams(opset=opset, with_past=True), [source], doc="export decoder with KV cache")
     validates: dict[str, StageSpec] = {}
     for name, cfg in body.variants.enabled().items():
-        checks = {"checks": list(CHECKS[name])}
+        checks = CHECKS[name]
         if name == "base":
-            export = spec("export", name, {"opset": opset, "with_past": False}, [source], doc="export decoder without cache")
-            validates[name] = spec("validate", name, {**validate_common, **checks}, [export], "check vs PyTorch")
+            export = spec("export", name, ExportParams(opset=opset, with_past=False), [source],
+                          doc="export decoder without cache")
+            validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=checks), [export],
+                                   "check vs PyTorch")
         elif name == "kv":
-            validates[name] = spec("validate", name, {**validate_common, **checks}, [kv_export], "check vs PyTorch")
+            validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=checks), [kv_export],
+                                   "check vs PyTorch")
         elif name == "pruned":
-            prune = spec("prune", name, {"ratio": cfg.ratio}, [source], doc=f"prune heads and MLP channels by {cfg.ratio:.0%}")
-            export = spec("export", name, {"opset": opset, "with_past": True}, [prune], doc="export pruned decoder with KV cache")
-            validates[name] = spec("validate", name, {**validate_common, **checks,
-                                                      "max_perplexity_ratio": cfg.max_perplexity_ratio},
+            prune = spec("prune", name, PruneParams(ratio=cfg.ratio), [source],
+                         doc=f"prune heads and MLP channels by {cfg.ratio:.0%}")
+            export = spec("export", name, ExportParams(opset=opset, with_past=True), [prune],
+                          doc="export pruned decoder with KV cache")
+            validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=checks,
+                                                                    max_perplexity_ratio=cfg.max_perplexity_ratio),
                                    [export, source], "check vs PyTorch, measure perplexity")
         elif name == "kv-int8":
-            quant = spec("quantize", name, {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel,
-                                            "reduce_range": cfg.reduce_range, "weight_type": "QInt8",
-                                            "quantize_lm_head": cfg.quantize_lm_head, "fuse": cfg.fuse},
+            quant = spec("quantize", name, QuantizeParams(op_types=cfg.op_types, per_channel=cfg.per_channel,
+                                                          reduce_range=cfg.reduce_range,
+                                                          quantize_lm_head=cfg.quantize_lm_head, fuse=cfg.fuse),
                          [kv_export], doc="dynamic int8 of the MatMul weights")
-            validates[name] = spec("validate", name, {**validate_common, **checks,
-                                                      "min_top1_agreement": cfg.min_top1_agreement,
-                                                      "min_logit_cosine": cfg.min_logit_cosine},
+            validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=checks,
+                                                                    min_top1_agreement=cfg.min_top1_agreement,
+                                                                    min_logit_cosine=cfg.min_logit_cosine),
                                    [quant], "compare with fp32")
-    return {name: publish_spec(spec, name, v, runtime_defaults) for name, v in validates.items()}
+    return {name: publish_spec(spec, name, v, body.runtime.model_dump()) for name, v in validates.items()}
 
 
 # ---- source -------------------------------------------------------------------
@@ -161,22 +204,22 @@ def save_tokenizer(model_dir: Path, out_file: Path) -> None:
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     p = spec.params
     recorded: dict = {}
-    if p["kind"] == "random":
-        tok_cfg = p["tokenizer"]
+    if p.kind == "random":
+        tok_cfg = p.tokenizer
         corpus = ctx.project_dir / tok_cfg["train_on"]
         tok = train_tokenizer(corpus, tok_cfg["vocab_size"])
-        config = dict(p["config"])
+        config = dict(p.config)
         if "vocab_size" not in config:  # a tiny model takes its vocab from the tokenizer
             eos = tok.token_to_id(EOS)
             config.update(vocab_size=tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos)
-        model = random_gpt2(config, p["seed"])
-        if p["train_steps"]:
+        model = random_gpt2(config, p.seed)
+        if p.train_steps:
             ids = tok.encode(corpus.read_text()).ids
-            recorded["train_loss"] = round(train_briefly(model, ids, p["train_steps"], p["seed"]), 4)
+            recorded["train_loss"] = round(train_briefly(model, ids, p.train_steps, p.seed), 4)
         model_dir = out / "model"
         model.save_pretrained(model_dir)
         tok.save(str(model_dir / TOKENIZER))
-        source = {"kind": "random", "seed": p["seed"], "config": config}
+        source = {"kind": "random", "seed": p.seed, "config": config}
         rel = "model"
     else:
         model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
@@ -248,7 +291,7 @@ def prune_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 
     src_dir = model_dir_of(ctx, spec, "source")
     model = load_torch_model(src_dir)
-    recorded = prune_gpt2(model, spec.params["ratio"])
+    recorded = prune_gpt2(model, spec.params.ratio)
     model_dir = out / "model"
     model.save_pretrained(model_dir)
     save_tokenizer(src_dir, model_dir / TOKENIZER)
@@ -358,7 +401,7 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     upstream = "prune" if any(u.stage == "prune" for u in spec.upstream) else "source"
     model_dir = model_dir_of(ctx, spec, upstream)
     model = load_torch_model(model_dir, attention="sdpa")
-    export_gpt2(model, out / "model.onnx", spec.params["with_past"], spec.params["opset"])
+    export_gpt2(model, out / "model.onnx", spec.params.with_past, spec.params.opset)
     save_tokenizer(model_dir, out / TOKENIZER)
     return {"model": "model.onnx", "model_dir": str(model_dir)}
 
@@ -411,19 +454,19 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     p = spec.params
     recorded = {"fp32_bytes": (src / "model.onnx").stat().st_size}
     model = src / "model.onnx"
-    if p["quantize_lm_head"]:
+    if p.quantize_lm_head:
         proto = onnx.load(str(model))
         recorded["materialized_weights"] = materialize_transposed_weights(proto)
         model = out / "fp32-prepared.onnx"
         onnx.save(proto, str(model))
         del proto
-    if p["fuse"]:
+    if p.fuse:
         config = json.loads((model_dir_of(ctx, spec, "export") / "config.json").read_text())
         fused = out / "fp32-fused.onnx"
         recorded["fused"] = fuse_for_cpu(model, fused, config["n_head"], config["n_embd"])
         model = fused
-    dynamic_int8(model, out / "model.onnx", op_types=p["op_types"],
-                 per_channel=p["per_channel"], reduce_range=p["reduce_range"])
+    dynamic_int8(model, out / "model.onnx", op_types=list(p.op_types),
+                 per_channel=p.per_channel, reduce_range=p.reduce_range)
     for tmp in out.glob("fp32-*.onnx"):
         tmp.unlink()
     link_or_copy(src / TOKENIZER, out / TOKENIZER)
@@ -478,7 +521,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     from tokenizers import Tokenizer
 
     p = spec.params
-    checks_to_run = set(p["checks"])
+    checks_to_run = set(p.checks)
     producer = "quantize" if "vs_fp32" in checks_to_run else "export"
     src = ctx.upstream_dir(spec, producer)
     for name in ("model.onnx", TOKENIZER):
@@ -492,10 +535,10 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     config = json.loads((ref_dir / "config.json").read_text())
     context = config["n_positions"]
     lm = CausalLM(make_session(out / "model.onnx"), context)
-    window = min(p["eval_window"], context)
-    eval_ids = _eval_ids(tokenizer, ctx.project_dir / p["eval_text"], 8 * window)
-    prompt_ids = tokenizer.encode(p["greedy_prompt"]).ids
-    n = min(p["greedy_tokens"], context - len(prompt_ids))
+    window = min(p.eval_window, context)
+    eval_ids = _eval_ids(tokenizer, ctx.project_dir / p.eval_text, 8 * window)
+    prompt_ids = tokenizer.encode(p.greedy_prompt).ids
+    n = min(p.greedy_tokens, context - len(prompt_ids))
     checks: list[dict] = []
     results: dict = {"checks": checks}
 
@@ -508,8 +551,8 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             agree.append(np.mean(a.argmax(-1) == b.argmax(-1)))
             cos.append(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
         top1, cosine = float(np.mean(agree)), float(np.mean(cos))
-        record_check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p["min_top1_agreement"], top1 >= p["min_top1_agreement"])
-        record_check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p["min_logit_cosine"], cosine >= p["min_logit_cosine"])
+        record_check(checks, "top1 agreement with fp32 ONNX", round(top1, 5), p.min_top1_agreement, top1 >= p.min_top1_agreement)
+        record_check(checks, "mean logit cosine vs fp32 ONNX", round(cosine, 6), p.min_logit_cosine, cosine >= p.min_logit_cosine)
         # Recorded, not required: dynamic int8 picks activation scales per call, so a
         # cached step and a full recompute quantize differently and may diverge.
         int8_tokens, fp32_tokens = lm.greedy(prompt_ids, n), fp32.greedy(prompt_ids, n)
@@ -522,7 +565,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             ref = model(torch.tensor([eval_ids[:window]])).logits[0].numpy()
         got = lm.full_logits(eval_ids[:window])
         diff = float(np.abs(got - ref).max())
-        record_check(checks, "logits max abs diff vs PyTorch", diff, p["logits_atol"], diff <= p["logits_atol"])
+        record_check(checks, "logits max abs diff vs PyTorch", diff, p.logits_atol, diff <= p.logits_atol)
         torch_tokens = torch_greedy(model, prompt_ids, n)
         onnx_tokens = lm.greedy(prompt_ids, n, use_cache=True)
         record_check(checks, f"greedy {n} tokens: ONNX == PyTorch", onnx_tokens == torch_tokens, True, onnx_tokens == torch_tokens)
@@ -535,8 +578,8 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             ppl_pruned, ppl_full = perplexity(model, eval_ids, window), perplexity(unpruned, eval_ids, window)
             ratio = ppl_pruned / ppl_full
             results["perplexity"] = {"pruned": round(ppl_pruned, 3), "unpruned": round(ppl_full, 3),
-                                     "ratio": round(ratio, 4), "eval_text": p["eval_text"], "tokens": len(eval_ids)}
-            limit = p["max_perplexity_ratio"]
+                                     "ratio": round(ratio, 4), "eval_text": p.eval_text, "tokens": len(eval_ids)}
+            limit = p.max_perplexity_ratio
             record_check(checks, "perplexity ratio pruned/unpruned", round(ratio, 4), limit, limit is None or ratio <= limit)
 
     results["checks_run"] = sorted(checks_to_run)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -23,10 +24,10 @@ from ...runtime import sam_processing as sp
 from ...runtime.artifact import make_session
 from ...runtime.sam import SamPredictor, mask_iou
 from ...sources import SourceError, weights_sha256
-from ...store import StageContext, StageSpec, link_or_copy
-from ..common import (ORT_CUSTOM_OPSETS, builder_digest, count_parameters, existing_model_dir, fail_on, model_dir_of,
-                      ort_multihead_attention, publish_spec, record_check, source_params, spec_factory)
-from .recipe import SamRecipe
+from ...store import StageContext, StageParams, StageSpec, link_or_copy
+from ..common import (ORT_CUSTOM_OPSETS, SourceParams, builder_digest, count_parameters, existing_model_dir, fail_on,
+                      model_dir_of, ort_multihead_attention, publish_spec, record_check, source_params, spec_factory)
+from .recipe import SamExportConfig, SamRecipe
 
 HUB_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
 PREPROCESSOR = "preprocessor_config.json"
@@ -49,30 +50,48 @@ BUILDER_DIGEST = builder_digest(__file__, "runtime/sam.py", "runtime/sam_process
 # ---- the plan: recipe -> stage specs ---------------------------------------
 
 
+class SamSourceParams(SourceParams):
+    initializer_range: float | None = None  # random: the spread of the seeded weights
+
+
+class QuantizeParams(StageParams):
+    op_types: tuple[str, ...]
+    per_channel: bool
+    reduce_range: bool
+    weight_type: str = "QInt8"
+
+
+class ValidateParams(StageParams):
+    checks: tuple[Literal["parity", "vs_fp32"], ...]
+    embeddings_atol: float  # parity
+    min_mask_iou: float  # parity: ONNX vs PyTorch, every prompt and mask
+    image: tuple[int, int]  # the synthetic validation picture (width, height)
+    min_int8_mask_iou: float | None = None  # vs_fp32
+    min_embedding_cosine: float | None = None  # vs_fp32
+
+
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: SamRecipe = recipe.body
     src = body.source
-    params = source_params(recipe, project_dir)
-    if src.kind == "random":
-        params["initializer_range"] = src.random.initializer_range
+    extra = {"initializer_range": src.random.initializer_range} if src.kind == "random" else {}
     spec = spec_factory(recipe, BUILDER_DIGEST)
-    source = spec("source", None, params, [], doc=f"load {src.kind} SAM weights")
-    export = spec("export", "fp32", body.export.model_dump(mode="json"), [source],
-                  doc="export image encoder and prompt decoder")
-    validate_common = body.validate_.model_dump(mode="json")
+    source = spec("source", None, SamSourceParams(**source_params(recipe, project_dir), **extra), [],
+                  doc=f"load {src.kind} SAM weights")
+    export = spec("export", "fp32", body.export, [source], doc="export image encoder and prompt decoder")
+    validate_common = body.validate_.model_dump()
     validates: dict[str, StageSpec] = {}
     for name, cfg in body.variants.enabled().items():
         if name == "fp32":
-            validates[name] = spec("validate", name, {**validate_common, "checks": ["parity"]}, [export],
+            validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=("parity",)), [export],
                                    "check vs PyTorch")
         elif name == "int8":
-            quant = spec("quantize", name, {"op_types": list(cfg.op_types), "per_channel": cfg.per_channel,
-                                            "reduce_range": cfg.reduce_range, "weight_type": "QInt8"},
+            quant = spec("quantize", name, QuantizeParams(op_types=cfg.op_types, per_channel=cfg.per_channel,
+                                                          reduce_range=cfg.reduce_range),
                          [export], doc="dynamic int8 of the encoder's MatMul weights")
-            validates[name] = spec("validate", name, {**validate_common, "checks": ["vs_fp32"],
-                                                      "min_int8_mask_iou": cfg.min_mask_iou,
-                                                      "min_embedding_cosine": cfg.min_embedding_cosine},
+            validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=("vs_fp32",),
+                                                                    min_int8_mask_iou=cfg.min_mask_iou,
+                                                                    min_embedding_cosine=cfg.min_embedding_cosine),
                                    [quant], "compare with fp32")
     return {name: publish_spec(spec, name, v, runtime_defaults(body.runtime.model_dump(mode="json")))
             for name, v in validates.items()}
@@ -117,17 +136,17 @@ def check_architecture(config) -> None:
 
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     p = spec.params
-    if p["kind"] == "random":
+    if p.kind == "random":
         from transformers import SamImageProcessor
 
-        model = random_sam(p["config"], p["seed"], p["initializer_range"])
+        model = random_sam(p.config, p.seed, p.initializer_range)
         check_architecture(model.config)
         model_dir = out / "model"
         model.save_pretrained(model_dir)
         # The processor config carries the input size and pixel mean/std, as on the Hub.
         size = model.config.vision_config.image_size
         SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}).save_pretrained(model_dir)
-        source = {"kind": "random", "seed": p["seed"], "initializer_range": p["initializer_range"], "config": p["config"]}
+        source = {"kind": "random", "seed": p.seed, "initializer_range": p.initializer_range, "config": p.config}
         rel = "model"
     else:
         model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
@@ -332,7 +351,7 @@ def _set_output_dims(path: Path, dims: dict[str, list]) -> None:
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     model_dir = model_dir_of(ctx, spec, "source")
     model = load_torch_model(model_dir)
-    export_sam(model, out, spec.params["opset"], spec.params["fused_attention"])
+    export_sam(model, out, spec.params.opset, spec.params.fused_attention)
     return {"encoder": ENCODER, "decoder": DECODER, "model_dir": str(model_dir)}
 
 
@@ -350,8 +369,8 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 
     src = ctx.upstream_dir(spec, "export")
     p = spec.params
-    dynamic_int8(src / ENCODER, out / ENCODER, op_types=p["op_types"], per_channel=p["per_channel"],
-                 reduce_range=p["reduce_range"])
+    dynamic_int8(src / ENCODER, out / ENCODER, op_types=list(p.op_types), per_channel=p.per_channel,
+                 reduce_range=p.reduce_range)
     link_or_copy(src / DECODER, out / DECODER)
     return {"encoder": ENCODER, "decoder": DECODER,
             "recorded": {"encoder_fp32_bytes": (src / ENCODER).stat().st_size,
@@ -435,7 +454,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     from transformers import SamConfig
 
     p = spec.params
-    int8 = "vs_fp32" in p["checks"]
+    int8 = "vs_fp32" in p.checks
     producer = ctx.upstream_dir(spec, "quantize" if int8 else "export")
     for name in (ENCODER, DECODER):
         link_or_copy(producer / name, out / name)
@@ -445,7 +464,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     # Validation segments with the default settings; the published block carries the recipe's.
     runtime_check = {**runtime, **runtime_defaults(SamRecipe.model_fields["runtime"].default.model_dump(mode="json"))}
     predictor = SamPredictor.from_sessions(make_session(out / ENCODER, low_memory=True), make_session(out / DECODER), runtime_check)
-    width, height = p["image"]
+    width, height = p.image
     image = validation_image(width, height)
     prompts = validation_prompts(width, height)
     predictor.set_image(image)
@@ -468,10 +487,10 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             results["prompts"][name] = {"mask_iou_vs_fp32": [round(v, 5) for v in per_mask]}
         mean_iou = float(np.mean(ious))
         results["mask_iou_vs_fp32"] = {"mean": round(mean_iou, 5), "min": round(float(np.min(ious)), 5)}
-        record_check(checks, "embedding cosine vs fp32 ONNX", round(cosine, 6), p["min_embedding_cosine"],
-               cosine >= p["min_embedding_cosine"])
-        record_check(checks, "mean mask IoU vs fp32 ONNX (all prompts, all masks)", round(mean_iou, 5), p["min_int8_mask_iou"],
-               mean_iou >= p["min_int8_mask_iou"])
+        record_check(checks, "embedding cosine vs fp32 ONNX", round(cosine, 6), p.min_embedding_cosine,
+               cosine >= p.min_embedding_cosine)
+        record_check(checks, "mean mask IoU vs fp32 ONNX (all prompts, all masks)", round(mean_iou, 5), p.min_int8_mask_iou,
+               mean_iou >= p.min_int8_mask_iou)
     else:
         model = load_torch_model(model_dir)
         processor = reference_processor(model_dir, runtime["image_size"])
@@ -482,7 +501,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         pixels, _, _ = sp.preprocess(image, runtime["image_size"], runtime["pixel_mean"], runtime["pixel_std"])
         results["pixel_values_max_abs_diff"] = float(np.abs(pixels - ref_inputs["pixel_values"].numpy()).max())
         emb_diff = float(np.abs(predictor.embeddings - ref_emb.numpy()).max())
-        record_check(checks, "image embeddings max abs diff vs PyTorch", emb_diff, p["embeddings_atol"], emb_diff <= p["embeddings_atol"])
+        record_check(checks, "image embeddings max abs diff vs PyTorch", emb_diff, p.embeddings_atol, emb_diff <= p.embeddings_atol)
         worst_iou, worst_logits = 1.0, 0.0
         for name, pr in prompts.items():
             mm = pr.get("multimask", True)
@@ -500,9 +519,9 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
                                         "decoder_logits_max_abs_diff": logits_diff}
         results["decoder_logits_max_abs_diff"] = worst_logits
         record_check(checks, "min mask IoU vs PyTorch (point, points +/-, box, box + point; every mask)", round(worst_iou, 5),
-               p["min_mask_iou"], worst_iou >= p["min_mask_iou"])
+               p.min_mask_iou, worst_iou >= p.min_mask_iou)
     results["encoder_runs"] = predictor.encoder_runs  # one: every prompt reused the cached embedding
 
-    results["checks_run"] = list(p["checks"])
+    results["checks_run"] = list(p.checks)
     fail_on(checks, results)
     return {"components": {"encoder": ENCODER, "decoder": DECODER}, "validation": results, "runtime": runtime}

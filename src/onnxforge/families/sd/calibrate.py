@@ -69,8 +69,8 @@ def collect_calibration(model_dir: Path, prompts: list[str], s: dict, out: Path)
     """
     import torch
 
-    pipe = load_pipeline(model_dir, s["scheduler"])
-    width, height = s["size"]
+    pipe = load_pipeline(model_dir, s.scheduler)
+    width, height = s.size
     calls: list = []
     text_calls: list = []
 
@@ -91,10 +91,10 @@ def collect_calibration(model_dir: Path, prompts: list[str], s: dict, out: Path)
         for i, prompt in enumerate(prompts):
             calls.clear()
             text_calls.clear()
-            generator = torch.Generator().manual_seed(s["seed"] + i)
+            generator = torch.Generator().manual_seed(s.seed + i)
             with torch.no_grad():
-                latents = pipe(prompt, negative_prompt=s["negative_prompt"], num_inference_steps=s["steps"],
-                               guidance_scale=s["guidance_scale"], height=height, width=width, generator=generator,
+                latents = pipe(prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.steps,
+                               guidance_scale=s.guidance_scale, height=height, width=width, generator=generator,
                                output_type="latent").images
                 z = latents / pipe.vae.config.scaling_factor
                 image = pipe.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
@@ -131,14 +131,14 @@ def calibrate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     from ...store import write_json_atomic
 
     s = spec.params
-    prompts_path = ctx.project_dir / s["prompts"]
+    prompts_path = ctx.project_dir / s.prompts
     prompts = read_prompts(prompts_path)
-    if s["max_prompts"]:
-        prompts = prompts[:s["max_prompts"]]
-    if len(prompts) <= s["held_out"]:
-        raise RecipeError(f"{prompts_path}: {len(prompts)} prompt(s), but calibration.held_out is {s['held_out']}: "
-                          f"need at least {s['held_out'] + 1}")
-    shared = ctx.root / ".calibration" / f"sd-{spec.digest}"
+    if s.max_prompts:
+        prompts = prompts[:s.max_prompts]
+    if len(prompts) <= s.held_out:
+        raise RecipeError(f"{prompts_path}: {len(prompts)} prompt(s), but calibration.held_out is {s.held_out}: "
+                          f"need at least {s.held_out + 1}")
+    shared = ctx.root / ".calibration" / f"{spec.family}-{spec.digest}"
     reused = (shared / "calibration.json").is_file()
     started = time.perf_counter()
     if not reused:
@@ -147,8 +147,8 @@ def calibrate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         with atomic_dir(shared) as tmp:
             summary = collect_calibration(model_dir, prompts, s, tmp)
             n = len(prompts)
-            meta = {"digest": spec.digest, "prompts": prompts, "calibrate": list(range(n - s["held_out"])),
-                    "held_out": list(range(n - s["held_out"], n)), "settings": s, **summary}
+            meta = {"digest": spec.digest, "prompts": prompts, "calibrate": list(range(n - s.held_out)),
+                    "held_out": list(range(n - s.held_out, n)), "settings": s.model_dump(mode="json"), **summary}
             write_json_atomic(tmp / "calibration.json", meta)  # last: its presence means complete
     for f in sorted(shared.rglob("*")):
         if f.is_file():

@@ -48,16 +48,16 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
     import onnx
     import torch
 
-    width, height = p["validate"]["sizes"][0]
+    width, height = p.parity.sizes[0]
     batch = 2 if SUBMODULES[name].cfg_batch else 1  # CFG batch for the traced example
-    if name == "unet" and p["dynamic_size"]:
+    if name == "unet" and p.dynamic_size:
         # Trace at a latent size that the UNet's up-sampling factor does not divide: diffusers then
         # takes its explicit-size path (upsample to the skip connection's size), which the graph keeps,
         # so any multiple-of-8 picture works, not only multiples of 8 x the up factor.
         f = info["vae_scale_factor"]
         side = (2 * info["unet_up_factor"] + 1) * f
         width = height = side
-    fused = p["fused_attention"] and name != "text_encoder"  # CLIP's attention stays as exported
+    fused = p.fused_attention and name != "text_encoder"  # CLIP's attention stays as exported
     example = example_inputs(name, info, batch, width, height, token_ids, seed=0)
     args = tuple(torch.from_numpy(v) for v in example.values())
     scratch = out / f".export-{name}"
@@ -66,13 +66,13 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
         with torch.no_grad():
             torch.onnx.export(module, args, str(scratch / "model.onnx"), input_names=IO[name]["inputs"],
                               output_names=IO[name]["outputs"],
-                              dynamic_axes=dynamic_axes(name, p["dynamic_batch"], p["dynamic_size"]),
-                              opset_version=p["opset"], dynamo=False,
+                              dynamic_axes=dynamic_axes(name, p.dynamic_batch, p.dynamic_size),
+                              opset_version=p.opset, dynamo=False,
                               custom_opsets=ORT_CUSTOM_OPSETS if fused else None)
         _fix_output_dims(scratch / "model.onnx", name, info, batch, width, height,
-                         dynamic_axes(name, p["dynamic_batch"], p["dynamic_size"]))
+                         dynamic_axes(name, p.dynamic_batch, p.dynamic_size))
         n_bytes = sum(f.stat().st_size for f in scratch.iterdir())
-        if p["external_data"] == "always" or n_bytes > EXTERNAL_DATA_BYTES:
+        if p.external_data == "always" or n_bytes > EXTERNAL_DATA_BYTES:
             model = onnx.load(str(scratch / "model.onnx"))  # gathers the exporter's one-file-per-tensor data
             onnx.save_model(model, str(out / FILES[name]), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=FILES[name] + ".data", size_threshold=1024)
@@ -88,8 +88,8 @@ def parity(name: str, module, session, info: dict, p: dict, token_ids: np.ndarra
     """Max abs diff ONNX vs PyTorch at every validate size, batch 2 then 1 (one size, one batch if fixed)."""
     import torch
 
-    batches = [2, 1] if p["dynamic_batch"] else [2 if SUBMODULES[name].cfg_batch else 1]
-    sizes = p["validate"]["sizes"] if name != "text_encoder" else p["validate"]["sizes"][:1]
+    batches = [2, 1] if p.dynamic_batch else [2 if SUBMODULES[name].cfg_batch else 1]
+    sizes = p.parity.sizes if name != "text_encoder" else p.parity.sizes[:1]
     worst, runs = 0.0, []
     for width, height in sizes:
         for batch in batches:
@@ -119,7 +119,7 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     model_dir = model_dir_of(ctx, spec, "source")
     info = model_info(model_dir)
     slow = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-    token_ids = clip_token_ids(slow, [p["validate"]["prompt"], ""], info["max_length"])
+    token_ids = clip_token_ids(slow, [p.parity.prompt, ""], info["max_length"])
 
     # Tokenizer: tokenizer.json for the runtime (converted from the repo's vocab.json + merges.txt).
     (out / TOKENIZER_DIR).mkdir()
@@ -131,16 +131,16 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     # The runtime's tokenization == CLIPTokenizer's on the validation prompt, the calibration prompts
     # and a prompt longer than the text encoder reads.
     rt_tok = ClipTokenizer(out / TOKENIZER_JSON, info["max_length"], info["bos_id"], info["eos_id"], info["pad_id"])
-    texts = [p["validate"]["prompt"], *TOKENIZER_CHECK_TEXTS, " ".join(TOKENIZER_CHECK_TEXTS * 4)]  # the last: > 77 tokens
+    texts = [p.parity.prompt, *TOKENIZER_CHECK_TEXTS, " ".join(TOKENIZER_CHECK_TEXTS * 4)]  # the last: > 77 tokens
     mismatches = [t for t in texts if not np.array_equal(rt_tok(t, warn=False)[0][0], clip_token_ids(slow, [t], info["max_length"])[0])]
 
     parities, sizes = {}, {}
     for name, sub in SUBMODULES.items():
-        module = sub.torch_module(model_dir, p["fused_attention"])
+        module = sub.torch_module(model_dir, p.fused_attention)
         export_one(name, module, info, out, p, token_ids)
         session = make_session(out / FILES[name], low_memory=True)
         parities[name] = parity(name, module, session, info, p, token_ids)
-        parities[name]["atol"] = p["validate"]["atol"][name]
+        parities[name]["atol"] = getattr(p.parity.atol, name)
         sizes[name] = component_bytes(out, FILES[name])
         del module, session
         gc.collect()

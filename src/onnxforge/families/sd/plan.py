@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 from ...config import Recipe, RecipeError
-from ...store import StageSpec
-from ..common import builder_digest, publish_spec, source_params, spec_factory
+from ...store import StageParams, StageSpec
+from ..common import SourceParams, builder_digest, publish_spec, source_params, spec_factory
 from .quantize import quant_params
-from .recipe import SdRecipe
+from .recipe import SdCalibrationConfig, SdExportConfig, SdQualityConfig, SdRecipe, SdValidateConfig
 from .submodules import SUBMODULES
 
 BUILDER_DIGEST = builder_digest(__file__, "runtime/sd.py", "runtime/schedulers.py")
+
+
+class SdSourceParams(SourceParams):
+    tokenizer: dict | None = None  # random: the CLIP BPE trained offline, and its corpus digest
+
+
+class ExportParams(SdExportConfig):
+    parity: SdValidateConfig  # the recipe's `validate:` section: the export's parity checks (sizes, tolerances)
+
+
+class CalibrateParams(SdCalibrationConfig):
+    prompts_sha256: str
+
+
+class QuantizeParams(StageParams):
+    submodules: dict[str, dict]  # per submodule: SdQuant's storage settings (floors left to validate)
+
+
+class ValidateParams(StageParams):
+    checks: tuple[Literal["parity", "vs_fp32"], ...]
+    quality: SdQualityConfig | None = None  # vs_fp32: the whole-picture comparison settings
+    floors: dict | None = None  # vs_fp32: per-submodule cosine/SNR floors and whole-picture floors
 
 
 def _sha256_file(path: Path) -> str:
@@ -23,35 +46,36 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: SdRecipe = recipe.body
     src = body.source
-    params = source_params(recipe, project_dir)
+    extra = {}
     if src.kind == "random":
-        params["tokenizer"] = {**src.random.tokenizer.model_dump(),
-                               "corpus_sha256": _sha256_file(project_dir / src.random.tokenizer.train_on)}
+        extra["tokenizer"] = {**src.random.tokenizer.model_dump(),
+                              "corpus_sha256": _sha256_file(project_dir / src.random.tokenizer.train_on)}
     if not body.export.dynamic_size and len(body.validate_.sizes) > 1:
         raise RecipeError(f"{recipe.path}: validate.sizes: export.dynamic_size is false, so give exactly one size")
     spec = spec_factory(recipe, BUILDER_DIGEST)
-    source = spec("source", None, params, [], doc=f"load {src.kind} Stable Diffusion weights and tokenizer")
-    export = spec("export", "fp32", {**body.export.model_dump(mode="json"), "validate": body.validate_.model_dump(mode="json")},
+    source = spec("source", None, SdSourceParams(**source_params(recipe, project_dir), **extra), [],
+                  doc=f"load {src.kind} Stable Diffusion weights and tokenizer")
+    export = spec("export", "fp32", ExportParams(**body.export.model_dump(), parity=body.validate_),
                   [source], doc="export text encoder, UNet, VAE decoder and encoder; parity vs PyTorch")
     calibrate = None
     if any(v.quantized() for v in body.variants.values()):
         cal = body.calibration
-        calibrate = spec("calibrate", None, {**cal.model_dump(mode="json"),
-                                             "prompts_sha256": _sha256_file(project_dir / cal.prompts)},
+        calibrate = spec("calibrate", None, CalibrateParams(**cal.model_dump(),
+                                                            prompts_sha256=_sha256_file(project_dir / cal.prompts)),
                          [source], doc="UNet/text/VAE inputs along full denoising trajectories of the calibration prompts")
     validates: dict[str, StageSpec] = {}
     for name, v in body.variants.items():
         quantized = v.quantized()
         if not quantized:
-            validates[name] = spec("validate", name, {"checks": ["parity"]}, [export], "record parity")
+            validates[name] = spec("validate", name, ValidateParams(checks=("parity",)), [export], "record parity")
             continue
         subs = {k: quant_params(getattr(v, k)) for k in SUBMODULES}
-        quant = spec("quantize", name, {"submodules": subs}, [export, calibrate],
+        quant = spec("quantize", name, QuantizeParams(submodules=subs), [export, calibrate],
                      doc=", ".join(f"{k} {q.mode}" for k, q in quantized.items()))
         floors = {"submodules": {k: {"min_cosine": q.min_cosine, "min_snr_db": q.min_snr_db} for k, q in quantized.items()},
                   "min_psnr_db": v.min_psnr_db, "min_ssim": v.min_ssim, "min_clip_score": v.min_clip_score}
-        validates[name] = spec("validate", name, {"checks": ["vs_fp32"], "quality": body.quality.model_dump(mode="json"),
-                                                  "floors": floors}, [quant], "measure quality vs fp32")
+        validates[name] = spec("validate", name, ValidateParams(checks=("vs_fp32",), quality=body.quality, floors=floors),
+                               [quant], "measure quality vs fp32")
     return {name: publish_spec(spec, name, v, runtime_defaults(body)) for name, v in validates.items()}
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ...config import RecipeError
-from ...store import StageContext, StageSpec
+from ...store import StageContext, StageSpec, find_upstream
 from ..common import component_bytes, link_component
 from .calibrate import calibration_reader
 from .submodules import FILES, SUBMODULES
@@ -26,13 +26,13 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 
     export_dir = ctx.upstream_dir(spec, "export")
     calib_dir = ctx.upstream_dir(spec, "calibrate")
-    calib_settings = ctx.upstream_record(spec, "calibrate")["params"]
+    unet_batch = find_upstream(spec, "calibrate").params.unet_batch
     records = {}
     work = out / ".work"
     work.mkdir()
     try:
         for name in SUBMODULES:
-            q = spec.params["submodules"][name]
+            q = spec.params.submodules[name]
             fp32_bytes = component_bytes(export_dir, FILES[name])
             if q["mode"] == "float":
                 link_component(export_dir, out, FILES[name])
@@ -56,7 +56,7 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
                     attention = activation_matmuls(src)
                     excluded += [n for n in attention if n not in excluded]
                     rec["activation_matmuls_kept_float"] = len(attention)
-                reader = calibration_reader(calib_dir, name, "calibrate", calib_settings["unet_batch"])
+                reader = calibration_reader(calib_dir, name, "calibrate", unet_batch)
                 rec["calibration_inputs"] = len(reader)
                 then_dynamic = q["dynamic_op_types"]
                 static_out = work / f"static-{FILES[name]}" if then_dynamic else out / FILES[name]

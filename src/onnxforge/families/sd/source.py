@@ -105,7 +105,7 @@ def _check_layout(folder: Path) -> None:
 
 
 def _path_folder(params: dict, ctx: StageContext) -> Path:
-    folder = Path(params["path"])
+    folder = Path(params.path)
     folder = folder if folder.is_absolute() else ctx.project_dir / folder
     if not folder.is_dir():
         raise SourceError(f"source.path: {folder} is not a folder; give a local folder laid out like the Hub repo")
@@ -123,19 +123,19 @@ def weights_digest(folder: Path) -> str:
 
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     p = spec.params
-    if p["kind"] == "random":
+    if p.kind == "random":
         model_dir = out / "model"
-        tok_cfg = p["tokenizer"]
+        tok_cfg = p.tokenizer
         train_clip_tokenizer(ctx.project_dir / tok_cfg["train_on"], tok_cfg["vocab_size"], out / "trained-tokenizer")
-        pipe = random_pipeline(p["config"], p["seed"], out / "trained-tokenizer")
+        pipe = random_pipeline(p.config, p.seed, out / "trained-tokenizer")
         pipe.save_pretrained(model_dir, safe_serialization=True)
         shutil.rmtree(out / "trained-tokenizer")
         del pipe
         gc.collect()
-        source = {"kind": "random", "seed": p["seed"], "config": p["config"]}
+        source = {"kind": "random", "seed": p.seed, "config": p.config}
         rel = "model"
     else:
-        if p["kind"] == "hub":
+        if p.kind == "hub":
             model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
         else:
             model_dir = _path_folder(p, ctx)

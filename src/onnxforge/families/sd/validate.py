@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ...runtime.artifact import make_session
-from ...store import StageContext, StageSpec, link_or_copy
+from ...store import StageContext, StageSpec, find_upstream, link_or_copy
 from ..common import fail_on, link_component, record_check
 from .calibrate import calibration_reader
 from .submodules import FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON
@@ -108,14 +108,15 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     p = spec.params
     export_dir = ctx.upstream_dir(spec, "export")
     export_rec = ctx.upstream_record(spec, "export")
-    quantized = "vs_fp32" in p["checks"]
+    quantized = "vs_fp32" in p.checks
     producer = ctx.upstream_dir(spec, "quantize") if quantized else export_dir
     for name in SUBMODULES:
         link_component(producer, out, FILES[name])
     (out / TOKENIZER_DIR).mkdir()
     _link_common(export_dir, out)
     info = export_rec["info"]
-    fixed = None if export_rec["params"]["dynamic_size"] else list(export_rec["params"]["validate"]["sizes"][0])
+    export_params = find_upstream(spec, "export").params
+    fixed = None if export_params.dynamic_size else list(export_params.parity.sizes[0])
     runtime = runtime_block(info, json.loads((export_dir / SCHEDULER_CONFIG).read_text()), fixed)
     checks: list[dict] = []
     results: dict = {"checks": checks}
@@ -126,17 +127,17 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         results["parity"] = export_rec["parity"]
         record_check(checks, "runtime tokenization == CLIPTokenizer", export_rec["recorded"]["tokenizer_texts_checked"],
                      "all texts", True)
-        results["checks_run"] = list(p["checks"])
+        results["checks_run"] = list(p.checks)
         fail_on(checks, results)
         return {"components": FILES, "validation": results, "runtime": runtime}
 
     calib_dir = ctx.upstream_dir(spec, "calibrate")
-    q = p["quality"]
-    floors = p["floors"]
+    q = p.quality
+    floors = p.floors
     quant_rec = ctx.upstream_record(spec, "quantize")["submodules"]
     results["submodules"] = {}
     for name, fl in floors["submodules"].items():
-        r = submodule_quality(name, export_dir / FILES[name], out / FILES[name], calib_dir, q["submodule_items"])
+        r = submodule_quality(name, export_dir / FILES[name], out / FILES[name], calib_dir, q.submodule_items)
         cos, snr = r.pop("_cosine"), r.pop("_snr")
         results["submodules"][name] = {"mode": quant_rec[name]["mode"], **r}
         if fl["min_cosine"] is not None:
@@ -148,30 +149,30 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 
     # Whole pictures: the fp32 pipeline and this variant, same held-out prompts, seeds and settings.
     meta = json.loads((calib_dir / "calibration.json").read_text())
-    prompts = [meta["prompts"][i] for i in meta["held_out"]][:q["images"]]
-    width, height = fixed or q["size"]
+    prompts = [meta["prompts"][i] for i in meta["held_out"]][:q.images]
+    width, height = fixed or q.size
     label = {"recipe": spec.recipe, "variant": spec.variant}
     # The quality settings, not the recipe's runtime defaults (those are added when publishing).
-    quality_rt = {**runtime, "scheduler": q["scheduler"], "steps": q["steps"], "max_steps": q["steps"],
-                  "guidance_scale": q["guidance_scale"], "width": width, "height": height,
+    quality_rt = {**runtime, "scheduler": q.scheduler, "steps": q.steps, "max_steps": q.steps,
+                  "guidance_scale": q.guidance_scale, "width": width, "height": height,
                   "min_size": min(width, height), "max_size": max(width, height)}
     fp32 = StableDiffusion.from_folder(export_dir, quality_rt, FILES, low_memory=True, label={**label, "variant": "fp32"})
     ours = StableDiffusion.from_folder(out, quality_rt, FILES, low_memory=True, label=label)
-    settings = dict(steps=q["steps"], guidance_scale=q["guidance_scale"], scheduler=q["scheduler"], width=width, height=height)
+    settings = dict(steps=q.steps, guidance_scale=q.guidance_scale, scheduler=q.scheduler, width=width, height=height)
     (out / "quality").mkdir()
     images, per_image = {"fp32": [], "variant": []}, []
     for i, prompt in enumerate(prompts):
-        a = fp32.generate(prompt, seed=q["seed"] + i, **settings)
-        b = ours.generate(prompt, seed=q["seed"] + i, **settings)
+        a = fp32.generate(prompt, seed=q.seed + i, **settings)
+        b = ours.generate(prompt, seed=q.seed + i, **settings)
         images["fp32"].append(a.image)
         images["variant"].append(b.image)
         ra, rb = np.asarray(a.image), np.asarray(b.image)
-        per_image.append({"prompt": prompt, "seed": q["seed"] + i, "psnr_db": psnr(ra, rb), "ssim": ssim(ra, rb)})
+        per_image.append({"prompt": prompt, "seed": q.seed + i, "psnr_db": psnr(ra, rb), "ssim": ssim(ra, rb)})
         b.save(out / "quality" / f"{i}-{spec.variant}.png")
         a.save(out / "quality" / f"{i}-fp32.png")
     mean_psnr = float(np.mean([r["psnr_db"] for r in per_image]))
     mean_ssim = float(np.mean([r["ssim"] for r in per_image]))
-    results["images"] = {"settings": {**settings, "seed": q["seed"]}, "psnr_db_mean": _num(mean_psnr, 3),
+    results["images"] = {"settings": {**settings, "seed": q.seed}, "psnr_db_mean": _num(mean_psnr, 3),
                          "ssim_mean": _num(mean_ssim, 5),
                          "per_image": [{**r, "psnr_db": _num(r["psnr_db"], 3), "ssim": _num(r["ssim"], 5)} for r in per_image],
                          "files": sorted(str(f.relative_to(out)) for f in (out / "quality").iterdir())}
@@ -182,10 +183,10 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         record_check(checks, "image SSIM vs fp32 pipeline (mean)", _num(mean_ssim, 5), floors["min_ssim"],
                      mean_ssim >= floors["min_ssim"])
 
-    scores_fp32, note = clip_scores(q["clip_model"], images["fp32"], prompts, ctx.project_dir)
+    scores_fp32, note = clip_scores(q.clip_model, images["fp32"], prompts, ctx.project_dir)
     clip = {"note": note}
     if scores_fp32 is not None:
-        scores, _ = clip_scores(q["clip_model"], images["variant"], prompts, ctx.project_dir)
+        scores, _ = clip_scores(q.clip_model, images["variant"], prompts, ctx.project_dir)
         clip.update(fp32=scores_fp32, variant=scores, variant_mean=round(float(np.mean(scores)), 3),
                     fp32_mean=round(float(np.mean(scores_fp32)), 3))
         if floors["min_clip_score"] is not None:
@@ -194,6 +195,6 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     elif floors["min_clip_score"] is not None:
         clip["floor"] = f"min_clip_score {floors['min_clip_score']} not checked: no CLIP model"
     results["clip_score"] = clip
-    results["checks_run"] = list(p["checks"])
+    results["checks_run"] = list(p.checks)
     fail_on(checks, results)
     return {"components": FILES, "validation": results, "runtime": runtime}
