@@ -167,3 +167,25 @@ def link_component(src_dir: Path, dst_dir: Path, onnx_file: str, copy_data: bool
 
 def component_bytes(folder: Path, onnx_file: str) -> int:
     return sum(f.stat().st_size for f in onnx_files(folder / onnx_file))
+
+
+def name_dims(path: Path, dims: dict[str, list]) -> None:
+    """Give an ONNX file's inputs/outputs readable dims: a str becomes a named (dynamic) dim, an int a fixed
+    one. Exporters leave generated names (torch.export's formulas, 'LayerNormalization..._dim_1')."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        for dim, new in zip(value.type.tensor_type.shape.dim, dims.get(value.name, ())):
+            if isinstance(new, str):
+                dim.dim_param = new
+            else:
+                dim.dim_value = new
+    onnx.save(proto, str(path))
+
+
+def sha256_or_missing(path: Path) -> str:
+    """A local input file's digest for a stage's parameters ("missing" lets the stage itself say what is wrong)."""
+    from ..runtime.artifact import sha256_file
+
+    return sha256_file(path) if path.is_file() else "missing"

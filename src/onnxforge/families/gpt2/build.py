@@ -22,7 +22,7 @@ from ...runtime.text import CausalLM
 from ...sources import weights_sha256
 from ...store import StageContext, StageParams, StageSpec, ValidationFailed, link_or_copy
 from ..common import (SourceParams, builder_digest, count_parameters, existing_model_dir, fail_on, model_dir_of,
-                      publish_spec, record_check, source_params, spec_factory)
+                      name_dims, publish_spec, record_check, sha256_or_missing, source_params, spec_factory)
 from .recipe import Gpt2Recipe
 
 EOS = "<|endoftext|>"
@@ -78,12 +78,6 @@ class ValidateParams(StageParams):
 
 
 
-def _sha256_text(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-
-
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: Gpt2Recipe = recipe.body
@@ -92,12 +86,12 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     if src.kind == "random":
         corpus = project_dir / src.random.tokenizer.train_on
         extra = {"train_steps": src.random.train_steps,
-                 "tokenizer": {**src.random.tokenizer.model_dump(), "corpus_sha256": _sha256_text(corpus)}}
+                 "tokenizer": {**src.random.tokenizer.model_dump(), "corpus_sha256": sha256_or_missing(corpus)}}
     spec = spec_factory(recipe, BUILDER_DIGEST)
     source = spec("source", None, Gpt2SourceParams(**source_params(recipe, project_dir), **extra), [],
                   doc=f"load {src.kind} weights and tokenizer")
     validate_common = {**body.validate_.model_dump(),
-                       "eval_text_sha256": _sha256_text(project_dir / body.validate_.eval_text)}
+                       "eval_text_sha256": sha256_or_missing(project_dir / body.validate_.eval_text)}
     opset = body.export.opset
     kv_export = spec("export", "kv", ExportParams(opset=opset, with_past=True), [source], doc="export decoder with KV cache")
     validates: dict[str, StageSpec] = {}
@@ -362,6 +356,7 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
     args = [torch.randint(0, cfg.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
             torch.arange(p, p + s).expand(b, s).contiguous()]
     dyn = [{0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq}]
+    present_shapes = {}  # present.{i}.key/value -> (heads, head_dim): per layer, as pruning may differ
     if with_past:
         past, past_dyn = [], []
         for i, block in enumerate(model.transformer.h):
@@ -370,6 +365,7 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
             for kind in ("key", "value"):
                 names.append(f"past_key_values.{i}.{kind}")
                 out_names.append(f"present.{i}.{kind}")
+                present_shapes[f"present.{i}.{kind}"] = (heads, head_dim)
                 past.append(torch.randn(b, heads, p, head_dim))
                 past_dyn.append({0: batch, 2: past_seq})
         args.append(tuple(past))
@@ -383,18 +379,8 @@ def export_gpt2(model, path: Path, with_past: bool, opset: int) -> None:
     # torch.export names derived dims with formulas: give inputs/outputs readable names.
     total = "past_seq + seq" if with_past else "seq"
     readable = {"attention_mask": ["batch", total], "logits": ["batch", "seq", cfg.vocab_size]}
-    proto = onnx.load(str(path), load_external_data=False)
-    for value in list(proto.graph.input) + list(proto.graph.output):
-        dims = readable.get(value.name)
-        if value.name.startswith("present."):
-            dims = ["batch", value.type.tensor_type.shape.dim[1].dim_value, total, value.type.tensor_type.shape.dim[3].dim_value]
-        if dims:
-            for dim, new in zip(value.type.tensor_type.shape.dim, dims):
-                if isinstance(new, str):
-                    dim.dim_param = new
-                else:
-                    dim.dim_value = new
-    onnx.save(proto, str(path))
+    readable.update({name: ["batch", h, total, d] for name, (h, d) in present_shapes.items()})
+    name_dims(path, readable)
 
 
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:

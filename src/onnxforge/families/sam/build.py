@@ -26,7 +26,8 @@ from ...runtime.sam import SamPredictor, mask_iou
 from ...sources import SourceError, weights_sha256
 from ...store import StageContext, StageParams, StageSpec, link_or_copy
 from ..common import (ORT_CUSTOM_OPSETS, SourceParams, builder_digest, count_parameters, existing_model_dir, fail_on,
-                      model_dir_of, ort_multihead_attention, publish_spec, record_check, source_params, spec_factory)
+                      model_dir_of, name_dims, ort_multihead_attention, publish_spec, record_check, source_params,
+                      spec_factory)
 from .recipe import SamExportConfig, SamRecipe
 
 HUB_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
@@ -330,22 +331,9 @@ def export_sam(model, out: Path, opset: int, fused_attention: bool = False) -> N
                           dynamic_axes=dyn, opset_version=opset, dynamo=False)
     # The exporter names output dims after the ops that made them; give them readable ones.
     tokens, grid = model.mask_decoder.num_mask_tokens, vc.image_size // vc.patch_size
-    _set_output_dims(out / ENCODER, {ENCODER_IO["output"]: [1, vc.output_channels, grid, grid]})
-    _set_output_dims(out / DECODER, {DECODER_IO["iou_scores"]: [1, "prompts", tokens],
+    name_dims(out / ENCODER, {ENCODER_IO["output"]: [1, vc.output_channels, grid, grid]})
+    name_dims(out / DECODER, {DECODER_IO["iou_scores"]: [1, "prompts", tokens],
                                      DECODER_IO["low_res_masks"]: [1, "prompts", tokens, 4 * grid, 4 * grid]})
-
-
-def _set_output_dims(path: Path, dims: dict[str, list]) -> None:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)  # external weights (if any) stay where they are
-    for value in proto.graph.output:
-        for dim, new in zip(value.type.tensor_type.shape.dim, dims[value.name]):
-            if isinstance(new, str):
-                dim.dim_param = new
-            else:
-                dim.dim_value = new
-    onnx.save(proto, str(path))
 
 
 def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...runtime.artifact import make_session
 from ...store import StageContext, StageSpec, ValidationFailed
-from ..common import ORT_CUSTOM_OPSETS, component_bytes, model_dir_of
+from ..common import ORT_CUSTOM_OPSETS, component_bytes, model_dir_of, name_dims
 from .submodules import (FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON, dynamic_axes,
                          example_inputs, model_info)
 
@@ -28,19 +28,11 @@ TOKENIZER_CHECK_TEXTS = ("", "a lighthouse on a rocky cliff at dusk, oil paintin
 
 
 def _fix_output_dims(path: Path, name: str, info: dict, batch: int, width: int, height: int, axes: dict) -> None:
-    """Outputs' fixed dims as numbers: the exporter sometimes leaves generated names there
-    (e.g. last_hidden_state's 77 as 'LayerNormalizationlast_hidden_state_dim_1')."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)  # external data references stay as they are
-    for value, shape in zip(model.graph.output, SUBMODULES[name].output_shapes(info, batch, width, height)):
-        dims = value.type.tensor_type.shape.dim
-        for j, d in enumerate(dims):
-            if j in axes.get(value.name, {}):
-                d.dim_param = axes[value.name][j]
-            else:
-                d.dim_value = shape[j]
-    onnx.save_model(model, str(path))
+    """Outputs' fixed dims as numbers, dynamic ones by their axis names: the exporter sometimes leaves generated
+    names there (e.g. last_hidden_state's 77 as 'LayerNormalizationlast_hidden_state_dim_1')."""
+    shapes = SUBMODULES[name].output_shapes(info, batch, width, height)
+    name_dims(path, {out: [axes.get(out, {}).get(j, d) for j, d in enumerate(shape)]
+                     for out, shape in zip(SUBMODULES[name].outputs, shapes)})
 
 
 def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.ndarray) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
 from ...config import Recipe, RecipeError
 from ...store import StageParams, StageSpec
-from ..common import SourceParams, builder_digest, publish_spec, source_params, spec_factory
+from ..common import SourceParams, builder_digest, publish_spec, sha256_or_missing, source_params, spec_factory
 from .quantize import quant_params
 from .recipe import SdCalibrationConfig, SdExportConfig, SdQualityConfig, SdRecipe, SdValidateConfig
 from .submodules import SUBMODULES
@@ -38,10 +37,6 @@ class ValidateParams(StageParams):
     floors: dict | None = None  # vs_fp32: per-submodule cosine/SNR floors and whole-picture floors
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-
-
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: SdRecipe = recipe.body
@@ -49,7 +44,7 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     extra = {}
     if src.kind == "random":
         extra["tokenizer"] = {**src.random.tokenizer.model_dump(),
-                              "corpus_sha256": _sha256_file(project_dir / src.random.tokenizer.train_on)}
+                              "corpus_sha256": sha256_or_missing(project_dir / src.random.tokenizer.train_on)}
     if not body.export.dynamic_size and len(body.validate_.sizes) > 1:
         raise RecipeError(f"{recipe.path}: validate.sizes: export.dynamic_size is false, so give exactly one size")
     spec = spec_factory(recipe, BUILDER_DIGEST)
@@ -61,7 +56,7 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     if any(v.quantized() for v in body.variants.values()):
         cal = body.calibration
         calibrate = spec("calibrate", None, CalibrateParams(**cal.model_dump(),
-                                                            prompts_sha256=_sha256_file(project_dir / cal.prompts)),
+                                                            prompts_sha256=sha256_or_missing(project_dir / cal.prompts)),
                          [source], doc="UNet/text/VAE inputs along full denoising trajectories of the calibration prompts")
     validates: dict[str, StageSpec] = {}
     for name, v in body.variants.items():
