@@ -125,9 +125,13 @@ def test_three_variants_published_with_four_components(fp32, int8, int8_dynamic)
 
 
 def test_published_external_data_is_a_copy_so_stages_can_still_read_it(sd_tiny, fp32):
-    # onnx refuses external data with several hard links; the quantize stage reads the export's
+    # onnx refuses external data with several hard links; the quantize stage reads the export's, so the
+    # export's stays single. Publishing links the validated files (onnxruntime alone reads a published
+    # artifact): the published .data is the validate stage's, not a third copy on disk.
     exported = _stage_dir(sd_tiny, fp32.manifest, "export", "fp32") / "unet.onnx"
-    assert (fp32.dir / "unet.onnx.data").stat().st_nlink == 1
+    validated = _stage_dir(sd_tiny, fp32.manifest, "validate", "fp32") / "unet.onnx.data"
+    assert (fp32.dir / "unet.onnx.data").stat().st_ino == validated.stat().st_ino
+    assert (fp32.dir / "unet.onnx.data").stat().st_nlink == 2
     assert exported.with_suffix(".onnx.data").stat().st_nlink == 1
     assert len(onnx.load(str(exported)).graph.initializer) > 0  # loads with its external data
 
