@@ -214,12 +214,13 @@ class TextGenerator:
         return self._sample(text, settings, tuple(settings.stop))
 
     def _gluing_tokens(self, size: int) -> np.ndarray:
-        """Mask of the token ids whose text starts with a letter or digit (they would extend the previous word)."""
+        """Mask of the token ids whose text starts with an ASCII letter or digit (they would extend the
+        previous word). ASCII only: scripts written without spaces must stay free to continue."""
         if getattr(self, "_glue", None) is None or len(self._glue) != size:
             n = min(size, self.tokenizer.get_vocab_size())
             texts = self.tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=True)
             self._glue = np.zeros(size, dtype=bool)
-            self._glue[:n] = [bool(t) and t[0].isalnum() for t in texts]
+            self._glue[:n] = [t[:1].isascii() and t[:1].isalnum() for t in texts]
         return self._glue
 
     def _sample(self, prompt: str, settings: SamplingSettings, stops: tuple[str, ...],
@@ -235,7 +236,7 @@ class TextGenerator:
         stream = self.lm.decode(ids)
         logits = next(stream)
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        if prompt[-1:].isalnum():
+        if prompt[-1:].isascii() and prompt[-1:].isalnum():
             # The prompt is whole words ("The dragon"): the continuation starts a new word rather
             # than gluing a word piece onto the last one ("The dragonoded"), which a small model's
             # argmax otherwise can do.
@@ -250,8 +251,8 @@ class TextGenerator:
                 reason = "eos"
                 break
             out.append(token)
-            # Decoded together with the prompt, so that a tokenizer whose decoder drops a
-            # leading space (or merges across the boundary) still joins them correctly.
+            # Decoded together with the prompt: a decoder that drops a leading space when
+            # decoding the new tokens alone (SentencePiece-style) still gets the spacing right.
             full = self.tokenizer.decode(ids + out)
             completion = full[len(head):] if full.startswith(head) else self.tokenizer.decode(out)
             hits = [completion.find(s) for s in stops if s and s in completion]
@@ -262,8 +263,8 @@ class TextGenerator:
                 words = list(re.finditer(r"\S+", prompt + completion))
                 if len(words) > max_words:
                     # The (max_words + 1)-th word has begun, so the ones before it are complete.
-                    cut = max(words[max_words].start(), len(prompt))
-                    completion, reason = (prompt + completion)[len(prompt):cut], "words"
+                    cut = max(words[max_words].start() - len(prompt), 0)
+                    completion, reason = completion[:cut], "words"
                     break
             if len(out) == settings.max_new_tokens:
                 break
