@@ -462,6 +462,33 @@ def test_pipeline_matches_diffusers(sd, pipe, scheduler):
     assert np.asarray(ours.image).std() > 1  # not a blank picture
 
 
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_lcm_pipeline_matches_diffusers(sd, pipe, monkeypatch, guidance):
+    """Issue 12: the LCM scheduler in the runtime loop. LCM re-noises between steps; the runtime draws the start
+    latents and then that noise from one numpy Generator seeded with the run's seed, so diffusers is fed the same
+    draws (its randn for the scheduler replaced by the replayed numpy stream): the same picture."""
+    import diffusers
+    from diffusers.schedulers import scheduling_lcm
+
+    steps, seed = 4, 21
+    replay = np.random.default_rng(seed)
+    latents = sd.initial_latents(replay, 64, 64)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(
+        replay.standard_normal(tuple(shape), dtype=np.float32)))
+    ours = sd.generate(PROMPT, NEGATIVE, steps=steps, scheduler="lcm", guidance_scale=guidance, width=64, height=64,
+                       seed=seed)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance, width=64,
+                   height=64, latents=torch.from_numpy(latents), output_type="np").images[0]
+    assert np.abs(ours.pixels - ref).max() <= IMAGE_ATOL
+    assert ours.settings["scheduler"] == "lcm" and ours.timings["unet_steps"] == steps
+    # The step noise comes from the seed: same start latents, another seed, another picture.
+    other = sd.generate(PROMPT, NEGATIVE, steps=steps, scheduler="lcm", guidance_scale=guidance, seed=seed + 1,
+                        latents=latents)
+    assert np.abs(other.pixels - ours.pixels).max() > 1e-3
+
+
 def test_pipeline_matches_diffusers_non_square_and_without_guidance(sd, pipe):
     latents = sd.initial_latents(5, 96, 48)
     ours = sd.generate(PROMPT, steps=STEPS, guidance_scale=1.0, width=96, height=48, scheduler="euler", latents=latents)

@@ -27,9 +27,11 @@ def _generate(args) -> int:
     if args.json:
         print(json.dumps({"prompt": result.prompt, "text": result.text, "tokens": len(result.token_ids),
                           "finish_reason": result.finish_reason, "prefill_ms": round(result.prefill_ms, 2),
-                          "artifact": str(gen.artifact.dir)}))
+                          "notes": result.notes, "artifact": str(gen.artifact.dir)}))
     else:
         print(result.text)
+    for note in result.notes:
+        print(f"onnxforge generate: note: {note}", file=sys.stderr)
     return 0
 
 

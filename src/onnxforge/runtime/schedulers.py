@@ -1,19 +1,20 @@
 """Torch-free numpy ports of the Stable Diffusion noise schedulers.
 
-Four samplers, each matching its diffusers counterpart (diffusers 0.39) for the
+Five samplers, each matching its diffusers counterpart (diffusers 0.39) for the
 options Stable Diffusion checkpoints actually use:
 
     "pndm"     PNDMScheduler with skip_prk_steps=True (PLMS steps; SD v1.x's own)
     "ddim"     DDIMScheduler with eta=0
     "euler"    EulerDiscreteScheduler
     "dpm++2m"  DPMSolverMultistepScheduler, algorithm_type="dpmsolver++", solver_order=2
+    "lcm"      LCMScheduler (for LCM / LCM-LoRA UNets: 1-8 steps, guidance ~1)
 
 Each is built from a plain dict shaped like diffusers' scheduler_config.json.
 Keys a scheduler does not use are ignored (as diffusers' from_config does); keys
 that would change the maths in a way not implemented here raise ValueError
 rather than being silently ignored.
 
-Usage, the same loop for all four:
+Usage, the same loop for all five:
 
     sched = make_scheduler("euler", config)
     sched.set_timesteps(25)
@@ -21,6 +22,10 @@ Usage, the same loop for all four:
     for t in sched.timesteps:
         eps = unet(sched.scale_model_input(latents, t), t)
         latents = sched.step(eps, t, latents)
+
+LCM is stochastic (it re-noises its prediction between steps), so its step also
+takes the run's numpy Generator: `sched.step(eps, t, latents, generator=rng)`;
+`sched.stochastic` says which schedulers need one.
 
 Arrays in and out are float32. The noise tables are float32 like diffusers';
 per-step scalar coefficients are computed in float64.
@@ -37,10 +42,11 @@ __all__ = [
     "DDIMScheduler",
     "EulerScheduler",
     "DPMSolverPP2MScheduler",
+    "LCMScheduler",
     "make_scheduler",
 ]
 
-SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpm++2m")
+SCHEDULER_NAMES = ("pndm", "ddim", "euler", "dpm++2m", "lcm")
 
 _SPACINGS = ("leading", "linspace", "trailing")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -114,6 +120,7 @@ class Scheduler:
     """Shared config handling; subclasses implement set_timesteps and step."""
 
     default_spacing = "leading"
+    stochastic = False  # True: step() draws noise and needs generator= (or noise=)
 
     def __init__(self, config):
         self.config = dict(config)
@@ -401,11 +408,110 @@ class DPMSolverPP2MScheduler(Scheduler):
         return _f32((s_t / s_s0) * x + (alpha_t * decay) * d)
 
 
+class LCMScheduler(Scheduler):
+    """Latent Consistency Model sampling (Luo et al. 2023; diffusers' LCMScheduler).
+
+    An LCM UNet predicts the clean latents in one evaluation from any noise level.
+    Each step turns that prediction into the consistency function's output
+    (boundary-condition mix of the prediction and the input), then re-noises it to
+    the next timestep with fresh Gaussian noise; the last step returns the clean
+    prediction itself. So the sampler is stochastic: step() draws its noise from
+    the run's numpy Generator (or takes it as `noise=`, which the diffusers parity
+    test uses to feed both sides the same draws).
+
+    The timesteps are a subset of the schedule the model was distilled on:
+    original_inference_steps evenly spaced training steps (k-1, 2k-1, ..., T-1 with
+    k = T // original_inference_steps), of which num_inference_steps are taken at
+    evenly spaced indices from the noisiest end. E.g. 4 of 50: 999, 759, 499, 259.
+    diffusers 0.39 ignores timestep_spacing and steps_offset for LCM, so we do too
+    (timestep_spacing is still checked to be a known value).
+    """
+
+    stochastic = True
+
+    def __init__(self, config):
+        # LCMScheduler's own defaults are SD's noise table, not the DDPM one the
+        # other diffusers schedulers default to.
+        config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", **config}
+        super().__init__(config)
+        T = self.num_train_timesteps
+        ois = config.get("original_inference_steps", 50)
+        if isinstance(ois, bool) or not isinstance(ois, (int, np.integer)) or not 1 <= ois <= T:
+            raise ValueError(f"original_inference_steps must be an integer in [1, {T}] (num_train_timesteps), got {ois!r}")
+        self.original_inference_steps = int(ois)
+        self.timestep_scaling = float(config.get("timestep_scaling", 10.0))
+        # Off for SD latents (diffusers' LCM default); ported because it is one clamp.
+        self.clip_sample = bool(config.get("clip_sample", False))
+        self.clip_sample_range = float(config.get("clip_sample_range", 1.0))
+        # set_alpha_to_one is accepted and has no effect: LCM never steps past its
+        # last timestep (the last step returns the prediction), so no alpha_bar[-1].
+        self._step_index = None
+        self.denoised = None  # the last step's clean-latent prediction (for previews)
+
+    def set_timesteps(self, num_inference_steps):
+        n, ois = num_inference_steps, self.original_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= ois:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {ois}] for LCM (it picks its steps from "
+                             f"the original_inference_steps={ois} schedule the model was distilled on), got {n!r}")
+        self.num_inference_steps = n = int(n)
+        k = self.num_train_timesteps // ois
+        origin = (np.arange(1, ois + 1, dtype=np.int64) * k - 1)[::-1]  # noisiest first
+        picks = np.floor(np.linspace(0, ois, num=n, endpoint=False)).astype(np.int64)
+        self.timesteps = origin[picks].copy()
+        self._step_index = None
+        self.denoised = None
+
+    def _boundary_scalings(self, t):
+        # Consistency-model boundary condition: c_skip(0) = 1, c_out(0) = 0, so the
+        # function is the identity at t = 0; sigma_data = 0.5 as in the LCM paper.
+        sigma_data = 0.5
+        s = t * self.timestep_scaling
+        c_skip = sigma_data**2 / (s * s + sigma_data**2)
+        c_out = s / math.sqrt(s * s + sigma_data**2)
+        return c_skip, c_out
+
+    def step(self, model_output, t, sample, generator=None, noise=None):
+        """One LCM step; the run's numpy `generator` supplies the re-injected noise
+        (or pass `noise`, an array shaped like sample). The last step draws nothing."""
+        self._check_ready()
+        out, x, t = _f32(model_output), _f32(sample), int(t)
+        if self._step_index is None:
+            self._step_index = _index_of(self.timesteps, t)
+        i = self._step_index
+        last = i == len(self.timesteps) - 1
+        a_t = float(self.alphas_cumprod[t])
+        s_t = math.sqrt(1 - a_t)
+        if self.prediction_type == "epsilon":
+            x0 = (x - s_t * out) / math.sqrt(a_t)
+        else:  # v_prediction
+            x0 = math.sqrt(a_t) * x - s_t * out
+        if self.clip_sample:
+            x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+        c_skip, c_out = self._boundary_scalings(t)
+        denoised = _f32(c_out * x0 + c_skip * x)
+        self.denoised = denoised
+        self._step_index = i + 1
+        if last:
+            return denoised
+        if noise is None:
+            if generator is None:
+                raise ValueError("LCM re-noises between steps: pass step(..., generator=<the run's "
+                                 "numpy.random.Generator>) or noise=<array shaped like sample>")
+            noise = generator.standard_normal(x.shape, dtype=np.float32)
+        noise = _f32(noise)
+        if noise.shape != x.shape:
+            raise ValueError(f"noise of shape {noise.shape} does not match the sample's {x.shape}")
+        # Forward-diffuse the prediction to the next timestep's noise level.
+        a_prev = float(self.alphas_cumprod[int(self.timesteps[i + 1])])
+        return _f32(math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise)
+
+
 _SCHEDULERS = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
     "euler": EulerScheduler,
     "dpm++2m": DPMSolverPP2MScheduler,
+    "lcm": LCMScheduler,
 }
 
 

@@ -5,12 +5,12 @@
     result.save("lighthouse.png")        # PNG text metadata: prompt, seed, steps, scheduler, artifact versions
 
 Everything model-specific comes from the artifact's manifest `runtime` block: tokenizer file and
-special token ids, scheduler_config.json (PNDM, DDIM, Euler and DPM-Solver++ 2M are built from it,
-see schedulers.py), VAE scale and scaling factor, latent channels, supported sizes and defaults.
+special token ids, scheduler_config.json (PNDM, DDIM, Euler, DPM-Solver++ 2M and LCM are built from
+it, see schedulers.py), VAE scale and scaling factor, latent channels, supported sizes and defaults.
 
 The loop is diffusers' StableDiffusionPipeline: CLIP tokens (padded to 77) -> text encoder, once for
 the prompt and once for the negative prompt; latents ~ N(0, I) from the seed, times the scheduler's
-init_noise_sigma; each step runs the UNet on [negative, prompt] (batch 2) and mixes the two noise
+init_noise_sigma (LCM also draws its between-step noise from that seed's generator); each step runs the UNet on [negative, prompt] (batch 2) and mixes the two noise
 predictions with the guidance scale (classifier-free guidance; guidance <= 1 runs the prompt alone);
 the VAE decoder turns latents / scaling_factor into pixels.
 
@@ -239,14 +239,18 @@ class StableDiffusion:
         self._release("text_encoder")
         return out.astype(np.float32), info
 
-    def initial_latents(self, seed: int, width: int, height: int) -> np.ndarray:
+    def initial_latents(self, seed: int | np.random.Generator, width: int, height: int) -> np.ndarray:
+        """N(0, I) latents from a seed, or drawn next from the run's Generator."""
         f, c = self.runtime["vae_scale_factor"], self.runtime["latent_channels"]
-        rng = np.random.default_rng(seed)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         return rng.standard_normal((1, c, height // f, width // f), dtype=np.float32)
 
     def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler: str, steps: int, guidance_scale: float,
-                progress: bool = False, callback=None) -> tuple[np.ndarray, list[float]]:
+                progress: bool = False, callback=None,
+                generator: np.random.Generator | None = None) -> tuple[np.ndarray, list[float]]:
+        """`generator`: the run's Generator, for schedulers that draw noise between steps (LCM)."""
         sched = make_scheduler(scheduler, self.runtime["scheduler_config"])
+        step_kwargs = {"generator": generator} if sched.stochastic else {}
         sched.set_timesteps(steps)
         x = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
         unet = self.session("unet")
@@ -265,7 +269,7 @@ class StableDiffusion:
             if cfg:
                 uncond, cond = noise[:1], noise[1:]
                 noise = uncond + np.float32(guidance_scale) * (cond - uncond)
-            x = sched.step(noise, t, x)
+            x = sched.step(noise, t, x, **step_kwargs)
             if callback is not None:
                 callback(i, t, x)
         self._release("unet")
@@ -315,8 +319,10 @@ class StableDiffusion:
         guidance = guidance_scale > 1.0
         if negative_prompt.strip() and not guidance:
             notes.append(f"negative prompt ignored: guidance scale {guidance_scale} <= 1 turns guidance off")
+        # One Generator per run, as diffusers passes one: the starting latents, then any step noise.
+        rng = np.random.default_rng(seed)
         if latents is None:
-            latents = self.initial_latents(seed, width, height)
+            latents = self.initial_latents(rng, width, height)
         else:
             f, c = rt["vae_scale_factor"], rt["latent_channels"]
             expected = (1, c, height // f, width // f)
@@ -329,7 +335,8 @@ class StableDiffusion:
         t_text = time.perf_counter() - started
         if token_info["truncated"]:
             notes.append(f"prompt truncated to {rt['max_length'] - 2} tokens, dropped {token_info['truncated']!r}")
-        final, step_times = self.denoise(latents, embeddings, scheduler, steps, guidance_scale, progress, callback)
+        final, step_times = self.denoise(latents, embeddings, scheduler, steps, guidance_scale, progress, callback,
+                                         generator=rng)
         t_vae = time.perf_counter()
         pixels = self.decode(final)
         t_end = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import Artifact, load
+
+# Word budget of a creative prompt. It feeds Stable Diffusion's CLIP text encoder,
+# which reads 75 tokens (77 with BOS/EOS). The text runtime has no CLIP tokenizer
+# (it belongs to the SD artifact), so the limit is approximated by words, on the
+# safe side: the real CLIP vocabulary spends ~1.3 tokens per English word, but the
+# sd-tiny tokenizer (small vocabulary, plus the tiny GPT-2's invented words) was
+# measured at up to 2.84 tokens per word, so 25 words * 3 tokens = 75.
+PROMPT_MAX_WORDS = 25
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
 @dataclass(frozen=True)
@@ -138,9 +148,10 @@ class Generation:
     prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length" | "context"
+    finish_reason: str  # "eos" | "stop" | "length" | "context" | "words" (creative prompt's word budget)
     prefill_ms: float
     decode_ms_per_token: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (e.g. the context was reached)
 
 
 class TextGenerator:
@@ -156,16 +167,66 @@ class TextGenerator:
         self.template = rt["prompt_template"]
         self.lm = CausalLM(self.artifact.session("decoder", threads=threads), rt["context_length"])
 
-    def creative_prompt(self, word: str) -> str:
+    def template_prompt(self, word: str) -> str:
+        """The recipe's prompt template around the word: the start of a creative prompt."""
         return self.template.format(word=word.strip())
+
+    def _template_repeat_marks(self) -> tuple[str, ...]:
+        # The tiny model was trained on lines that each start with the template, so
+        # it tends to begin a new line and repeat it. A line break ends the prompt,
+        # and so does the opening of any template piece of 2+ words (its first 3 words).
+        pieces = [p.split() for p in self.template.split("{word}")]
+        return ("\n",) + tuple(" ".join(p[:3]) for p in pieces if len(p) >= 2)
+
+    def creative_prompt(self, word: str, settings: SamplingSettings = SamplingSettings(),
+                        max_words: int = PROMPT_MAX_WORDS) -> Generation:
+        """The template around `word`, continued by the model into an image prompt of at most
+        `max_words` words (see PROMPT_MAX_WORDS) that never repeats the template and ends at a
+        sentence end or, failing that, after the last complete word."""
+        if isinstance(max_words, bool) or not isinstance(max_words, (int, np.integer)) or max_words < 1:
+            raise ValueError(f"max words must be a whole number >= 1, got {max_words!r}")
+        prompt = self.template_prompt(word)
+        stops = self._template_repeat_marks() + tuple(settings.stop)
+        g = self._sample(prompt, settings, stops, max_words)
+        completion = g.text[len(prompt):]
+        if g.finish_reason in ("length", "context"):
+            # Cut off after a token: its last word may be unfinished ("... Its meta"), drop it.
+            completion = completion[:completion.rstrip().rfind(" ") + 1] if completion.strip() else ""
+        ends = list(_SENTENCE_END.finditer(completion))
+        if ends:
+            completion = completion[:ends[-1].end()]
+        g.text = prompt + completion.rstrip().rstrip(",;:").rstrip()
+        if len(prompt.split()) >= max_words:
+            g.notes.append(f"the prompt template and word already use {len(prompt.split())} of the {max_words} words "
+                           "a creative prompt may have: nothing was added")
+        return g
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
     def generate(self, text: str, settings: SamplingSettings = SamplingSettings(), use_template: bool = True) -> Generation:
+        """A creative prompt from a word (see creative_prompt), or with use_template=False a plain
+        continuation of `text`."""
         if not text or not text.strip():
             raise ValueError("empty prompt: give a word or phrase, e.g. `onnxforge generate lighthouse`")
-        prompt = self.creative_prompt(text) if use_template else text
+        if use_template:
+            return self.creative_prompt(text, settings)
+        return self._sample(text, settings, tuple(settings.stop))
+
+    def _gluing_tokens(self, size: int) -> np.ndarray:
+        """Mask of the token ids whose text starts with an ASCII letter or digit (they would extend the
+        previous word). ASCII only: scripts written without spaces must stay free to continue."""
+        if getattr(self, "_glue", None) is None or len(self._glue) != size:
+            n = min(size, self.tokenizer.get_vocab_size())
+            texts = self.tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=True)
+            self._glue = np.zeros(size, dtype=bool)
+            self._glue[:n] = [t[:1].isascii() and t[:1].isalnum() for t in texts]
+        return self._glue
+
+    def _sample(self, prompt: str, settings: SamplingSettings, stops: tuple[str, ...],
+                max_words: int | None = None) -> Generation:
+        """Sample a continuation of `prompt`; stop at EOS, a stop string (cut before it), max_new_tokens,
+        the model's context, or once the text has more than max_words words (cut before that word)."""
         ids = self.encode(prompt)
         if len(ids) >= self.lm.context_length:
             raise ValueError(f"prompt is {len(ids)} tokens; this model's context is {self.lm.context_length}: shorten it")
@@ -175,18 +236,35 @@ class TextGenerator:
         stream = self.lm.decode(ids)
         logits = next(stream)
         prefill_ms = (time.perf_counter() - t0) * 1e3
+        if prompt[-1:].isascii() and prompt[-1:].isalnum():
+            # The prompt is whole words ("The dragon"): the continuation starts a new word rather
+            # than gluing a word piece onto the last one ("The dragonoded"), which a small model's
+            # argmax otherwise can do.
+            logits = np.where(self._gluing_tokens(logits.shape[-1]), -np.inf, logits)
         step_ms: list[float] = []
         reason = "length"
+        completion = ""
+        head = self.tokenizer.decode(ids)
         while len(out) < settings.max_new_tokens:
             token = pick_token(logits, ids + out, settings, rng)
             if token == self.eos_id:
                 reason = "eos"
                 break
             out.append(token)
-            if settings.stop:
-                text_so_far = self.tokenizer.decode(out)
-                if any(s in text_so_far for s in settings.stop):
-                    reason = "stop"
+            # Decoded together with the prompt: a decoder that drops a leading space when
+            # decoding the new tokens alone (SentencePiece-style) still gets the spacing right.
+            full = self.tokenizer.decode(ids + out)
+            completion = full[len(head):] if full.startswith(head) else self.tokenizer.decode(out)
+            hits = [completion.find(s) for s in stops if s and s in completion]
+            if hits:
+                completion, reason = completion[:min(hits)], "stop"
+                break
+            if max_words is not None:
+                words = list(re.finditer(r"\S+", prompt + completion))
+                if len(words) > max_words:
+                    # The (max_words + 1)-th word has begun, so the ones before it are complete.
+                    cut = max(words[max_words].start() - len(prompt), 0)
+                    completion, reason = completion[:cut], "words"
                     break
             if len(out) == settings.max_new_tokens:
                 break
@@ -197,8 +275,8 @@ class TextGenerator:
                 reason = "context"
                 break
             step_ms.append((time.perf_counter() - t0) * 1e3)
-        completion = self.tokenizer.decode(out)
-        if reason == "stop":
-            cut = min(completion.find(s) for s in settings.stop if s in completion)
-            completion = completion[:cut]
-        return Generation(prompt, prompt + completion, out, reason, prefill_ms, step_ms)
+        notes = []
+        if reason == "context":
+            notes.append(f"stopped at this model's context of {self.lm.context_length} tokens ({len(ids)} prompt + "
+                         f"{len(out)} new), short of max tokens {settings.max_new_tokens}")
+        return Generation(prompt, prompt + completion, out, reason, prefill_ms, step_ms, notes)
