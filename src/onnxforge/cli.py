@@ -480,6 +480,10 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/sd)")
     bd.set_defaults(func=_bench_sd)
 
+    from .demo_cli import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
+
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")
     bu.add_argument("recipes", nargs="*", help="recipe names (files in recipes/ without .yaml); default: the default ones")
