@@ -341,7 +341,8 @@ class Demo:
         finally:
             if tmp.exists():
                 tmp.unlink()
-        self.saved.append(final)
+        if final not in self.saved:
+            self.saved.append(final)
         self.record["files"][Path(name).stem] = name
         self.log(f"saved {final}")
         return final
