@@ -111,8 +111,11 @@ def test_replay_makes_the_same_run(scripted, demo_artifacts, tmp_path):
     for name in ("prompt.txt", "image.png", "mask.png", "edited.png", "sheet.png"):
         assert (again / name).read_bytes() == (first / name).read_bytes(), name
     a, b = (json.loads((d / "run.json").read_text()) for d in (first, again))
-    for key in ("word", "prompt", "seed", "size", "steps", "pick", "edit", "artifacts"):
+    for key in ("word", "prompt", "seed", "size", "steps", "pick", "edit"):
         assert a[key] == b[key], key
+    for role in ("text", "image", "mask"):  # the very same version folders
+        assert {k: v for k, v in a["artifacts"][role].items() if k != "why"} == \
+            {k: v for k, v in b["artifacts"][role].items() if k != "why"}
 
 
 def test_scripted_points_and_generative_edit(demo_artifacts, tmp_path):
@@ -447,6 +450,12 @@ def test_interactive_session_with_wrong_answers(demo_artifacts, tmp_path):
     record = json.loads((run / "run.json").read_text())
     assert record["word"] == "castle" and record["prompt"] != first  # the regenerated prompt was taken
     assert record["pick"] == {"number": 1} and record["edit"]["color"] == "#0000ff"
+    assert record["prompt_seed"] == 6  # "r" drew the next seed; replay writes the accepted prompt again
+    replayed = demo_cli(demo_artifacts, "--replay", str(run / "run.json"), "--out", str(tmp_path / "again"))
+    assert replayed.returncode == 0, replayed.stderr
+    again = only_run(tmp_path / "again")
+    assert (again / "prompt.txt").read_text() == (run / "prompt.txt").read_text()
+    assert (again / "edited.png").read_bytes() == (run / "edited.png").read_bytes()
 
 
 def test_interactive_own_prompt_and_q_keeps_what_was_saved(demo_artifacts, tmp_path):

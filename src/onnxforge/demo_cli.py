@@ -222,6 +222,7 @@ def replay_settings(run: dict, args) -> dict:
     edit = run.get("edit") or {}
     return {"models": models, "word": run.get("word"),
             "prompt": run["prompt"] if run["prompt_source"] == "given" else None, "seed": run["seed"],
+            "prompt_seed": run.get("prompt_seed", run["seed"]),
             "steps": run["steps"], "scheduler": run.get("scheduler"), "size": tuple(run["size"]),
             "strength": edit.get("strength"), "edit_steps": edit.get("steps"), "pick": pick,
             "edit": edit.get("text"), "expect_prompt": run["prompt"]}
@@ -238,7 +239,7 @@ def run_scripted(demo, s: dict) -> None:
     if s["prompt"] is not None:
         demo.use_prompt(s["prompt"])
     else:
-        prompt = demo.prompt(s["word"])
+        prompt = demo.prompt(s["word"], seed=s.get("prompt_seed"))
         if s.get("expect_prompt") and prompt != s["expect_prompt"]:
             demo.log("warning: GPT-2 wrote a different prompt than the recorded run")
         demo.log(f"prompt: {prompt}")

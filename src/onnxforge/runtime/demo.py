@@ -197,6 +197,8 @@ def load_run(path: str | Path) -> dict:
         raise bad("prompt" if not isinstance(run.get("prompt"), str) else "word", "text")
     if not whole(run.get("seed")):
         raise bad("seed", "a whole number >= 0")
+    if "prompt_seed" in run and not whole(run["prompt_seed"]):
+        raise bad("prompt_seed", "a whole number >= 0")
     size = run.get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(whole(v, 1) for v in size)):
         raise bad("size", "[width, height]")
@@ -564,7 +566,9 @@ class Demo:
         """The scripted command that makes this run again."""
         r = self.record
         cmd = ["onnxforge", "demo"]
-        if r.get("prompt_source") == "given":
+        # a prompt the user typed, or one GPT-2 wrote with another seed ("r" in the interactive mode), is
+        # given as text: --seed seeds GPT-2 with the run's seed
+        if r.get("prompt_source") == "given" or r.get("prompt_seed", r["seed"]) != r["seed"]:
             cmd += ["--prompt", _q(r["prompt"])]
         if r.get("word"):
             cmd += ["--word", _q(r["word"])]
