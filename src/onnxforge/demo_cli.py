@@ -25,8 +25,8 @@ examples:
   onnxforge demo --prompt "a red boat on a lake" --point 120,80 --point=-30,40 --edit "blur the background"
   onnxforge demo --word fox --box 10,10,50,60 --edit "replace it with a white cat" --strength 0.9
   onnxforge demo --replay runs/20261130-120000-castle/run.json    # the same run again, in a new folder
-  onnxforge demo --word castle --image-model sd-v1-4-random/int8 --text-model gpt2-medium-random \\
-      --mask-model sam-vit-base-random --size 512 --steps 25 --low-memory
+  onnxforge demo --word castle --point 256,256 --size 512 --steps 25 --low-memory \\
+      --text-model gpt2-medium-random/kv-int8 --image-model sd-v1-4-random/int8 --mask-model sam-vit-base-random/int8
 
 edits (--edit, or the answer to "What should the edit do?"):
 {GRAMMAR}
