@@ -1,9 +1,12 @@
 # Two commands on a fresh machine (see README):
-#   make demo   install, build the offline default artifacts, generate a creative prompt
+#   make demo   install, build the offline default artifacts, run the scripted demo end to end
+#               (word -> prompt -> picture -> object -> mask -> edit; files under runs/)
 #   make test   install, run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORD ?= lighthouse
+EDIT ?= make it red
+PICK ?= 1
 
 .PHONY: setup demo build test bench-medium bench-sam-base bench-sd-random clean
 
@@ -19,7 +22,7 @@ build: setup
 	$(VENV)/bin/doit build
 
 demo: build
-	$(VENV)/bin/onnxforge generate "$(WORD)" --seed 0
+	$(VENV)/bin/onnxforge demo --word "$(WORD)" --pick $(PICK) --edit "$(EDIT)" --seed 0 --out runs
 
 test: setup
 	$(VENV)/bin/pytest -q

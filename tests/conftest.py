@@ -90,3 +90,14 @@ def sd_tiny(tmp_path_factory) -> Project:
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxforge.cli", *args], capture_output=True, text=True,
                           env=env or dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+@pytest.fixture(scope="session")
+def demo_artifacts(tmp_path_factory, tiny, sam_tiny, sd_tiny) -> Path:
+    """One artifacts root holding gpt2-tiny, sd-tiny and sam-tiny (links to the builds above, so nothing
+    is built twice), as `doit build` makes it for the demo."""
+    root = tmp_path_factory.mktemp("demo-project") / "artifacts"
+    root.mkdir()
+    for project, recipe in ((tiny, "gpt2-tiny"), (sd_tiny, "sd-tiny"), (sam_tiny, "sam-tiny")):
+        (root / recipe).symlink_to(project.artifacts / recipe, target_is_directory=True)
+    return root

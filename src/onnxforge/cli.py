@@ -446,7 +446,7 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--negative", default="", help="what to steer away from (used with guidance > 1)")
     im.add_argument("--steps", type=int, help="denoising steps (default: the manifest's)")
     im.add_argument("--size", help="WIDTHxHEIGHT or one number for a square, multiples of 8 (default: the manifest's)")
-    im.add_argument("--scheduler", help="pndm, ddim, euler or dpm++2m (default: the manifest's)")
+    im.add_argument("--scheduler", help="pndm, ddim, euler, dpm++2m or lcm (default: the manifest's)")
     im.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 turns it off (default: the manifest's)")
     im.add_argument("--seed", type=int, help="random seed: the same seed and settings give the same picture (default: random)")
     im.add_argument("--variant", default="fp32", help="artifact variant under artifacts/<recipe>/ (default: fp32)")
@@ -459,6 +459,10 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--no-progress", action="store_true", help="no progress bar")
     im.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     im.set_defaults(func=_imagine)
+
+    from .demo_cli import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
 
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")

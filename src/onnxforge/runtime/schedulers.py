@@ -155,6 +155,32 @@ class Scheduler:
     def scale_model_input(self, sample, t):
         return _f32(sample)
 
+    def add_noise(self, original, noise, t):
+        """Clean latents noised to the level of timestep t, in this sampler's own scale (diffusers' add_noise).
+
+        DDPM form sqrt(a_bar) * x0 + sqrt(1 - a_bar) * eps; Euler overrides it (its latents are x0 + sigma * eps).
+        """
+        a = float(self.alphas_cumprod[int(t)])
+        return _f32(math.sqrt(a) * _f32(original) + math.sqrt(1.0 - a) * _f32(noise))
+
+    def strength_start(self, strength):
+        """img2img: where in `timesteps` a picture noised to `strength` enters (diffusers' get_timesteps).
+
+        strength 1 starts at the first (noisiest) timestep, 0.5 halfway down the schedule. Every
+        scheduler here has diffusers' order 1, so the index is also the step count skipped.
+        Raises if strength x steps leaves no step to run.
+        """
+        self._check_ready()
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
+                or not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        n = self.num_inference_steps
+        run = min(int(n * float(strength)), n)
+        if run < 1:
+            raise ValueError(f"strength {strength} x {n} steps leaves no denoising step: raise the strength "
+                             f"to at least {1 / n:.3g} or use more steps")
+        return n - run
+
     def __repr__(self):
         return f"{type(self).__name__}(num_inference_steps={self.num_inference_steps})"
 
@@ -312,6 +338,12 @@ class EulerScheduler(Scheduler):
         sigma = float(self.sigmas[self._index(t)])
         return _f32(_f32(sample) / math.sqrt(sigma * sigma + 1.0))
 
+    def add_noise(self, original, noise, t):
+        # diffusers finds sigma from the timestep's position in the schedule, so the timestep must be in it.
+        self._check_ready()
+        sigma = float(self.sigmas[_index_of(self.timesteps, t)])
+        return _f32(_f32(original) + sigma * _f32(noise))
+
     def step(self, model_output, t, sample):
         self._check_ready()
         out, x = _f32(model_output), _f32(sample)
@@ -373,6 +405,12 @@ class DPMSolverPP2MScheduler(Scheduler):
         sigmas = np.interp(self.timesteps, np.arange(T), self.train_sigmas)
         self.sigmas = _f32(np.append(sigmas, 0.0))
         self._reset()
+
+    def add_noise(self, original, noise, t):
+        # As diffusers: the schedule's sigma at t, turned into variance-preserving (alpha, sigma).
+        self._check_ready()
+        alpha, s = _vp(float(self.sigmas[_index_of(self.timesteps, t)]))
+        return _f32(alpha * _f32(original) + s * _f32(noise))
 
     def step(self, model_output, t, sample):
         self._check_ready()

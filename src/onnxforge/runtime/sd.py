@@ -3,6 +3,7 @@
     sd = StableDiffusion("artifacts/sd-tiny/fp32")
     result = sd.generate("a lighthouse at dusk", seed=3, steps=25, width=512, height=512, scheduler="euler")
     result.save("lighthouse.png")        # PNG text metadata: prompt, seed, steps, scheduler, artifact versions
+    edited = sd.edit(result.image, mask, "a red boat", strength=0.8, seed=3)   # redraw inside a bool mask
 
 Everything model-specific comes from the artifact's manifest `runtime` block: tokenizer file and
 special token ids, scheduler_config.json (PNDM, DDIM, Euler, DPM-Solver++ 2M and LCM are built from
@@ -17,6 +18,11 @@ the VAE decoder turns latents / scaling_factor into pixels.
 Memory: by default the text encoder, UNet and VAE decoder sessions are loaded once and kept (the
 full-size UNet takes seconds to load). `low_memory=True` loads one submodule at a time and drops it
 after its phase, and turns off onnxruntime's memory arena.
+
+Editing (`edit`) reuses the same components: the picture is VAE-encoded, noised to a strength, and
+denoised with the new prompt while, after every step, the original latents re-noised to that step are
+put back outside a dilated latent mask (Blended Latent Diffusion; diffusers' inpaint pipeline does the
+same blend for 4-channel UNets); the original pixels are pasted back outside a feathered mask.
 """
 
 from __future__ import annotations
@@ -347,3 +353,109 @@ class StableDiffusion:
                    "unet_s_per_step": round(float(np.mean(step_times)), 4) if step_times else 0.0,
                    "vae_decoder_s": round(t_end - t_vae, 4), "total_s": round(t_end - started, 4)}
         return Generation(image, pixels, final, settings, self.versions, timings, notes)
+
+    def edit(self, image, mask, prompt: str, negative_prompt: str = "", *, strength: float = 0.8,
+             steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+             scheduler: str | None = None, dilate_latents: int = 1, feather_px: int | None = None,
+             progress: bool = False, callback=None) -> Generation:
+        """Redraw the masked part of a picture from `prompt`, keeping the rest: Blended Latent Diffusion
+        (Avrahami et al. 2023), which needs no inpainting checkpoint.
+
+        image: (H, W, 3) uint8 (or a PIL image) at a size the artifact supports; mask: (H, W) bool, the
+        part to redraw. strength in (0, 1]: how far into the noise the picture goes (1 = from scratch,
+        the mask's content is then only a place, not a hint); `steps` is the full schedule, of which
+        about strength x steps run. Pixels outside the mask come back byte-identical.
+        """
+        from PIL import Image
+
+        from . import edits
+
+        rt = self.runtime
+        # 1. check inputs
+        rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"picture must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        height, width = rgb.shape[:2]
+        self.check_size(width, height)
+        mask = np.asarray(mask)
+        if mask.shape != (height, width):
+            raise ValueError(f"mask is {mask.shape[::-1]} px (WxH) but the picture is {width}x{height} px")
+        mask = mask.astype(bool)
+        if not mask.any():
+            raise ValueError("the mask is empty: nothing to redraw (pick another object)")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
+                or not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be a number in (0, 1] (1 = redraw from pure noise), got {strength!r}")
+        steps = self.check_steps(rt["steps"] if steps is None else steps)
+        scheduler = self.check_scheduler(rt["scheduler"] if scheduler is None else scheduler)
+        guidance_scale = self.check_guidance(rt["guidance_scale"] if guidance_scale is None else guidance_scale)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+        guidance = guidance_scale > 1.0
+        sched = make_scheduler(scheduler, rt["scheduler_config"])
+        sched.set_timesteps(steps)
+        timesteps = sched.timesteps[sched.strength_start(float(strength)):]
+
+        # 2. encode the prompt and the picture
+        started = time.perf_counter()
+        embeddings, token_info = self.encode_prompts(prompt, negative_prompt, guidance)
+        t_text = time.perf_counter()
+        original = self.encode_image(rgb.astype(np.float32) / 255)
+        t_enc = time.perf_counter()
+
+        # 3. latent mask: a latent cell is redrawn if any of its f x f pixels is masked, then dilated so
+        #    the new content reaches past the pixel mask's edge (the pixel paste trims it back)
+        f = rt["vae_scale_factor"]
+        cells = mask.reshape(height // f, f, width // f, f).any(axis=(1, 3))
+        m = edits.dilate(cells, dilate_latents).astype(np.float32)[None, None]
+
+        # 4. noise the picture's latents to the first timestep
+        rng = np.random.default_rng(seed)  # one Generator per run: this noise, then any step noise (LCM)
+        noise = rng.standard_normal(original.shape, dtype=np.float32)
+        step_kwargs = {"generator": rng} if sched.stochastic else {}
+        x = sched.add_noise(original, noise, timesteps[0])
+
+        # 5. denoise with the new prompt; after every step the original, re-noised to the level the step
+        #    reached, goes back outside the mask (at the end: the clean original)
+        unet = self.session("unet")
+        step_times = []
+        from tqdm import tqdm
+
+        for i, t in enumerate(tqdm(timesteps, desc="editing", unit="step", disable=not progress, leave=False)):
+            model_in = sched.scale_model_input(x, t)
+            if guidance:
+                model_in = np.concatenate([model_in, model_in])
+            t0 = time.perf_counter()
+            eps = unet.run(None, {"sample": model_in, "timestep": np.full(model_in.shape[0], t, dtype=np.float32),
+                                  "encoder_hidden_states": embeddings})[0]
+            step_times.append(time.perf_counter() - t0)
+            if guidance:
+                eps = eps[:1] + np.float32(guidance_scale) * (eps[1:] - eps[:1])
+            x = sched.step(eps, t, x, **step_kwargs)
+            known = sched.add_noise(original, noise, timesteps[i + 1]) if i < len(timesteps) - 1 else original
+            x = (m * x + (1 - m) * known).astype(np.float32)
+            if callback is not None:
+                callback(i, t, x)
+        self._release("unet")
+
+        # 6. decode, then paste the original pixels back outside a feathered (inward) pixel mask
+        t_vae = time.perf_counter()
+        pixels = self.decode(x)
+        radius = edits.default_feather((height, width)) if feather_px is None else int(feather_px)
+        out = edits.blend(rgb, pixels, edits.feather(mask, radius))
+        t_end = time.perf_counter()
+
+        notes = []
+        if token_info["truncated"]:
+            notes.append(f"prompt truncated to {rt['max_length'] - 2} tokens, dropped {token_info['truncated']!r}")
+        settings = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": int(seed), "steps": steps,
+                    "scheduler": scheduler, "guidance_scale": guidance_scale, "width": width, "height": height,
+                    "strength": float(strength), "denoising_steps": len(timesteps), "dilate_latents": dilate_latents,
+                    "feather_px": radius}
+        timings = {"text_encoder_s": round(t_text - started, 4), "vae_encoder_s": round(t_enc - t_text, 4),
+                   "unet_steps": len(step_times),
+                   "unet_s_per_step": round(float(np.mean(step_times)), 4) if step_times else 0.0,
+                   "vae_decoder_s": round(t_end - t_vae, 4), "total_s": round(t_end - started, 4)}
+        return Generation(Image.fromarray(out), pixels, x, settings, self.versions, timings, notes)

@@ -40,6 +40,8 @@ def diffusers_scheduler(name: str, config):
         return diffusers.EulerDiscreteScheduler.from_config(config)
     if name == "dpm++2m":
         return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "lcm":
+        return diffusers.LCMScheduler.from_config(config)
     raise ValueError(f"unknown scheduler {name!r}")
 
 

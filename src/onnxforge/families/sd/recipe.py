@@ -10,8 +10,8 @@ from ...config import RecipeBody, Source, Strict
 
 
 SD_SUBMODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-SD_SCHEDULERS = ("pndm", "ddim", "euler", "dpm++2m")  # runtime/schedulers.py SCHEDULER_NAMES
-SdScheduler = Literal["pndm", "ddim", "euler", "dpm++2m"]
+SD_SCHEDULERS = ("pndm", "ddim", "euler", "dpm++2m", "lcm")  # runtime/schedulers.py SCHEDULER_NAMES
+SdScheduler = Literal["pndm", "ddim", "euler", "dpm++2m", "lcm"]
 ImageSide = Annotated[int, Field(ge=8, le=4096, multiple_of=8)]
 
 
