@@ -49,6 +49,8 @@ def test_a_family_from_one_folder_builds_and_publishes_through_doit(toy):
         m = a.manifest
         assert m["artifact"]["family"] == "toy" and m["runtime"] == {"kind": "toy", "width": 8, "greeting": "hello"}
         assert [s["stage"] for s in m["stages"]] == ["source", "export", "validate", "publish"]
+        # every stage records its time and peak memory (issue 10, item 17: find the stages that hold copies)
+        assert all(s["peak_rss_mib"] > 10 and s["seconds"] >= 0 for s in m["stages"])
         assert m["validation"]["passed"] is True and m["components"]["model"]["inputs"][0]["name"] == "x"
         assert (a.dir / "facts.json").is_file() and not (a.dir / "stage.json").exists()
     listed = toy.doit("list", "--all", **toy_env()).stdout
@@ -113,7 +115,8 @@ def test_shared_code_never_names_a_family():
 
 @pytest.mark.parametrize("entry", [
     "onnxforge.runtime.text", "onnxforge.runtime.sam", "onnxforge.runtime.sd", "onnxforge.runtime.schedulers",
-    "onnxforge.runtime.artifact", "onnxforge.families", "onnxforge.bench", "onnxforge.cli",
+    "onnxforge.runtime.artifact", "onnxforge.runtime.demo", "onnxforge.runtime.edits", "onnxforge.families",
+    "onnxforge.bench", "onnxforge.cli", "onnxforge.demo_cli",
 ])
 def test_runtime_entry_points_never_import_the_build_stack(entry):
     code = (f"import sys, importlib; importlib.import_module({entry!r}); "

@@ -312,18 +312,47 @@ def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
     with atomic_dir(out) as tmp:
         chatter = io.StringIO()  # library prints (e.g. torch.onnx's progress) go here, shown only on failure
         try:
-            with contextlib.redirect_stdout(chatter):
+            with contextlib.redirect_stdout(chatter), peak_rss() as peak:
                 record = stage_function(spec)(spec, tmp, ctx) or {}
         except BaseException:
             sys.stdout.write(chatter.getvalue()[-4000:])
             raise
+        seconds = round(time.perf_counter() - started, 1)
+        record.setdefault("recorded", {}).update(seconds=seconds, peak_rss_mib=round(peak[0] / 2**20))
         if spec.publishes:
             manifest = build_manifest(spec, ctx, tmp, record)
             write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence means complete
         else:
             write_json_atomic(tmp / STAGE_MARKER, {"stage": spec.stage, "digest": spec.digest,
                                                    "params": spec.params.model_dump(mode="json"), **record})
-    print(f"   {spec.stage}:{spec.task_name} done in {time.perf_counter() - started:.1f} s -> {out}")
+    print(f"   {spec.stage}:{spec.task_name} done in {seconds:.1f} s, peak RSS {peak[0] / 2**30:.2f} GiB -> {out}")
+
+
+@contextmanager
+def peak_rss(interval: float = 0.05):
+    """The peak resident memory of this process while the block runs, in bytes (`with peak_rss() as p: ...;
+    p[0]`). Sampled: doit runs every stage in one process, so getrusage's lifetime maximum cannot tell
+    stages apart. Spikes shorter than the interval can be missed."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], proc.memory_info().rss)
 
 
 def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) -> dict:
