@@ -248,14 +248,15 @@ def test_missing_output_folders_are_created_by_every_command(kind, picture, sam_
 
 
 def test_negative_coordinates_parse_and_an_outside_point_is_named(picture, sam_fp32, tmp_path):
-    """issue 10, item 15: `--point -5,10` was eaten by argparse ("expected one argument")."""
-    out = ["--artifact", str(sam_fp32), "--out", str(tmp_path / "m.png")]
+    """issue 10, item 15: `--point -5,10` was eaten by argparse ("expected one argument"). A prompt outside
+    the picture is named before any model loads (the artifact given for those cases does not exist)."""
+    out = ["--artifact", str(tmp_path / "no-such-artifact"), "--out", str(tmp_path / "m.png")]
     _one_line_error(run_cli("segment", str(picture), "--point", "-5,10", *out),
                     r"point \(-5, 10\) is outside the image, which is 48x40 px")
     _one_line_error(run_cli("segment", str(picture), "--point", "10,10", "--negative", "-3.5,2", *out),
                     r"point \(-3\.5, 2\) is outside the image")
     _one_line_error(run_cli("segment", str(picture), "--box", "-1,-1,10,10", *out), r"box corner \(-1, -1\) is outside")
-    ok = run_cli("segment", str(picture), "--point=10,10", *out)
+    ok = run_cli("segment", str(picture), "--point=10,10", "--artifact", str(sam_fp32), "--out", str(tmp_path / "m.png"))
     assert ok.returncode == 0, ok.stderr
 
 

@@ -205,6 +205,7 @@ def _draw_prompts(overlay, points, labels, box):
 
 
 def _segment(args) -> int:
+    from .runtime import sam_processing as sp
     from .runtime.sam import SamPredictor, save_label_png, save_mask_png
 
     image_path = Path(args.image)
@@ -225,8 +226,15 @@ def _segment(args) -> int:
     overlay_path = _output_file(args.overlay, "--overlay", "the overlay") if args.overlay else \
         _output_file(str(out.with_name(f"{out.stem}-overlay.png")), "--overlay", "the overlay")
 
+    rgb = sp.load_rgb(image_path)  # decodes and checks the picture (gray/RGBA converted, size limits)
+    # A prompt outside the picture is refused before the artifact loads and the encoder runs.
+    if points:
+        sp.transform_points(points, rgb.shape[:2], rgb.shape[:2])
+    if box is not None:
+        sp.transform_boxes(box, rgb.shape[:2], rgb.shape[:2])
+
     predictor = SamPredictor(args.artifact, threads=args.threads, low_memory=not args.arena)
-    predictor.set_image(image_path)  # loads and checks the image (gray/RGBA converted, size limits)
+    predictor.set_image(rgb)
     record: dict = {"image": str(image_path), "artifact": str(predictor.artifact.dir)}
     if args.everything:
         candidates = predictor.segment_everything(points_per_side=args.points_per_side,
