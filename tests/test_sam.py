@@ -455,7 +455,8 @@ def test_cli_bad_prompts_are_one_line_with_exit_2(fp32, picture_file, tmp_path, 
 def test_cli_missing_picture_and_missing_artifact(fp32, tmp_path):
     proc = run_cli("segment", str(tmp_path / "nope.png"), "--artifact", str(fp32.dir), "--point", "1,1")
     assert proc.returncode == 2 and "nope.png: image file not found" in proc.stderr
-    path = _bad_file("1x1", tmp_path)
+    path = tmp_path / "ok.png"  # a good picture: the picture and the prompts are checked before the artifact loads
+    Image.new("RGB", (8, 8)).save(path)
     proc = run_cli("segment", str(path), "--artifact", str(tmp_path / "no-artifact"), "--point", "1,1")
     assert proc.returncode == 2 and "no artifact at" in proc.stderr
 

@@ -680,7 +680,8 @@ def test_not_an_sd_artifact(artifact_copy):
     manifest = json.loads((artifact_copy / "manifest.json").read_text())
     manifest["runtime"]["kind"] = "sam"
     (artifact_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(art.ArtifactError, match=r"not a Stable Diffusion artifact \(runtime kind 'sam'\)"):
+    with pytest.raises(art.ArtifactError, match=r"is a Segment Anything model \(recipe sd-tiny, .*, but onnxforge imagine needs a Stable Diffusion pipeline; "
+                       r"use it with `onnxforge segment --artifact"):
         StableDiffusion(artifact_copy)
 
 

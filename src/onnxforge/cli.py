@@ -16,6 +16,33 @@ DEFAULT_SAM_ARTIFACT = "artifacts/sam-tiny/fp32"
 DEFAULT_SD_RECIPE = "sd-tiny"
 
 
+def _output_file(value: str, flag: str = "--out", what: str = "the picture") -> Path:
+    """One rule for every file a command writes, checked before any model runs: a PNG name; missing
+    folders are created; a place that cannot be written is one line (not a traceback after the work)."""
+    import os
+    import tempfile
+
+    path = Path(value)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{flag} {value}: {what} is saved as PNG; use a .png name")
+    if path.is_dir():
+        raise ValueError(f"{flag} {value}: is a folder; give a file name such as {path / 'out.png'}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {value}: {existing} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".onnxforge-write-check-"):
+            pass  # a real write: os.access says yes to root even where writing fails
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "the file is read-only")
+    except OSError as exc:
+        raise ValueError(f"{flag} {value}: cannot write there ({exc.strerror}); choose another path") from None
+    return path
+
+
 def _generate(args) -> int:
     from .runtime.text import SamplingSettings, TextGenerator
 
@@ -210,6 +237,7 @@ def _draw_prompts(overlay, points, labels, box):
 
 
 def _segment(args) -> int:
+    from .runtime import sam_processing as sp
     from .runtime.sam import SamPredictor, save_label_png, save_mask_png
 
     image_path = Path(args.image)
@@ -219,18 +247,26 @@ def _segment(args) -> int:
     box = _numbers(args.box, 4, "--box", "10,20,200,180") if args.box is not None else None
     if args.everything and (points or box is not None):
         raise ValueError("--everything finds all objects by itself: leave out --point/--negative/--box")
+    if args.pick is not None and not args.everything:
+        raise ValueError("--pick N chooses among the numbered candidates of --everything; add --everything")
     if not args.everything and not points and box is None:
         raise ValueError("say what to segment: --point x,y (repeatable, --negative for points off the object), "
                          "--box x0,y0,x1,y1, or --everything")
-    if args.pick is not None and not args.everything:
-        raise ValueError("--pick N chooses among the numbered candidates of --everything; add --everything")
     if args.pick is not None and args.pick < 1:
         raise ValueError(f"--pick {args.pick}: candidates are numbered from 1")
-    out = Path(args.out)
-    overlay_path = Path(args.overlay) if args.overlay else out.with_name(f"{out.stem}-overlay.png")
+    out = _output_file(args.out, "--out", "the mask")
+    overlay_path = _output_file(args.overlay, "--overlay", "the overlay") if args.overlay else \
+        _output_file(str(out.with_name(f"{out.stem}-overlay.png")), "--overlay", "the overlay")
+
+    rgb = sp.load_rgb(image_path)  # decodes and checks the picture (gray/RGBA converted, size limits)
+    # A prompt outside the picture is refused before the artifact loads and the encoder runs.
+    if points:
+        sp.transform_points(points, rgb.shape[:2], rgb.shape[:2])
+    if box is not None:
+        sp.transform_boxes(box, rgb.shape[:2], rgb.shape[:2])
 
     predictor = SamPredictor(args.artifact, threads=args.threads, low_memory=not args.arena)
-    predictor.set_image(image_path)  # loads and checks the image (gray/RGBA converted, size limits)
+    predictor.set_image(rgb)
     record: dict = {"image": str(image_path), "artifact": str(predictor.artifact.dir)}
     if args.everything:
         candidates = predictor.segment_everything(points_per_side=args.points_per_side,
@@ -283,15 +319,20 @@ def _size(text: str) -> tuple[int, int]:
     return (int(w), int(h)) if sep else (int(w), int(w))
 
 
+def _progress_mode(args) -> bool | str:
+    """A progress bar on a terminal; one line per stage when stderr goes to a log or a pipe."""
+    if args.no_progress or args.json:
+        return False
+    return True if sys.stderr.isatty() else "lines"
+
+
 def _imagine(args) -> int:
     import warnings
 
     from .runtime.sd import StableDiffusion
 
     artifact = args.artifact or str(Path(args.artifacts) / args.recipe / args.variant)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: the picture is saved as PNG (its settings go in PNG text chunks); use a .png name")
+    out = _output_file(args.out)
     width = height = None
     if args.size is not None:
         width, height = _size(args.size)
@@ -300,7 +341,7 @@ def _imagine(args) -> int:
         sd = StableDiffusion(artifact, threads=args.threads, low_memory=args.low_memory)
         result = sd.generate(" ".join(args.prompt), args.negative, steps=args.steps, guidance_scale=args.guidance,
                              width=width, height=height, seed=args.seed, scheduler=args.scheduler,
-                             progress=not args.no_progress and not args.json)
+                             progress=_progress_mode(args))
     for w in caught:
         if w.category.__module__.startswith("onnxforge"):
             print(f"onnxforge imagine: warning: {w.message}", file=sys.stderr)
@@ -311,7 +352,9 @@ def _imagine(args) -> int:
         print(json.dumps(record))
     else:
         s = result.settings
-        print(f"saved {path} ({s['width']}x{s['height']}, seed {s['seed']}, {s['steps']} {s['scheduler']} steps, "
+        calls = result.timings["unet_steps"]
+        steps = f"{s['steps']} {s['scheduler']} steps" + (f" = {calls} UNet calls" if calls != s["steps"] else "")
+        print(f"saved {path} ({s['width']}x{s['height']}, seed {s['seed']}, {steps}, "
               f"guidance {s['guidance_scale']:g}, {result.timings['total_s']:.1f} s) from {sd.dir}")
     return 0
 
@@ -472,8 +515,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_COORDINATE_FLAGS = ("--point", "--negative", "--box")
+
+
+def _attach_negative_coordinates(argv: list[str]) -> list[str]:
+    """`--point -5,10` -> `--point=-5,10`: argparse takes any word that starts with '-' and is not a plain
+    number for an option, so a coordinate list with a leading minus would be "expected one argument"."""
+    import re
+
+    coords = re.compile(r"-[0-9.]+(,\s*-?[0-9.]+)+")
+    out: list[str] = []
+    for word in argv:
+        if out and out[-1] in _COORDINATE_FLAGS and coords.fullmatch(word):
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_attach_negative_coordinates(sys.argv[1:] if argv is None else list(argv)))
     from .config import RecipeError
     from .runtime.artifact import ArtifactError
 

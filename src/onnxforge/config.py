@@ -128,6 +128,7 @@ def resolve_named_config(name: str, recipes_dir: Path) -> dict:
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    import difflib
     import hashlib
 
     path = Path(path)
@@ -150,12 +151,17 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         body = model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # A misspelt key ("varients") also makes the key it was meant to be missing: name the typo first.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         line = _format_error(path, err)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"])
             if allowed:
                 line += f"; allowed: {', '.join(allowed)}"
+                close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+                if close:
+                    line += f"; did you mean {close[0]}?"
         raise RecipeError(line) from None
     if isinstance(getattr(getattr(getattr(body, "source", None), "random", None), "config", None), str):
         try:

@@ -146,12 +146,26 @@ def atomic_dir(final: Path):
     tmp.mkdir()
     try:
         yield tmp
+        readable_by_all(tmp)
         if final.exists():  # a half-published leftover without its marker
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def readable_by_all(folder: Path) -> None:
+    """Files 0644, folders 0755, whatever wrote them: the exporters write external data (*.onnx.data)
+    0600, which other users of a shared artifact could not read."""
+    uid = os.getuid()
+    for p in [folder, *folder.rglob("*")]:
+        st = p.lstat()
+        if st.st_uid != uid or p.is_symlink():  # e.g. a hard link into another user's cache: not ours to change
+            continue
+        mode = 0o755 if p.is_dir() else 0o644
+        if st.st_mode & 0o7777 != mode:
+            os.chmod(p, mode)
 
 
 def clean_stale_tmp(parent: Path) -> None:
@@ -231,6 +245,11 @@ def onnx_component(model_path: Path, base: Path) -> dict:
         "inputs": [describe(v) for v in model.graph.input if v.name not in init_names],
         "outputs": [describe(v) for v in model.graph.output],
     }
+
+
+def published_files(out: Path) -> list[dict]:
+    """Size and sha256 of every file of a version folder except the manifest: all the runtime reads is verified."""
+    return [file_record(p, out) for p in sorted(out.rglob("*")) if p.is_file() and p != out / MANIFEST]
 
 
 def dir_bytes(path: Path) -> int:
@@ -370,12 +389,16 @@ def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) 
         if s.stage == "source":
             source = rec.get("source", {})
     components = {name: onnx_component(out / path, out) for name, path in record["components"].items()}
+    files = published_files(out)
     return {
         "schema_version": SCHEMA_VERSION,
         "artifact": {
             "recipe": spec.recipe,
             "variant": spec.variant,
-            "version": spec.digest,
+            "version": spec.digest,  # digest of the inputs (recipe stages, upstream, toolchain, builder code)
+            # digest of the outputs: builds of one version on two CPUs can differ where float kernels feed a
+            # result (calibrated int8 ranges); the same version with another content_digest shows it.
+            "content_digest": digest_of([[f["file"], f["sha256"]] for f in files], n=16),
             "family": spec.family,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "bytes_on_disk": dir_bytes(out),
@@ -385,6 +408,7 @@ def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) 
         "toolchain": toolchain_versions(spec.toolchain),
         "stages": stages,
         "components": components,
+        "files": files,
         "validation": record.get("validation", {}),
         "benchmark": None,
         "runtime": record["runtime"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"  # in a variant folder: the name of its newest version folder
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a top-level "files" list of every file in the version folder
 
 
 class ArtifactError(RuntimeError):
@@ -49,22 +49,39 @@ def read_manifest(version_dir: Path) -> dict:
         raise ArtifactError(f"{version_dir / MANIFEST} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{version_dir / MANIFEST}: schema_version {manifest.get('schema_version')!r}, "
-                            f"this onnxforge reads {SCHEMA_VERSION}: rebuild the artifact")
+                            f"this onnxforge reads {SCHEMA_VERSION}: rebuild the artifact (remove {version_dir}, "
+                            "then `doit build`)")
     return manifest
 
 
+def _check_file(version_dir: Path, rec: dict, owner: str, check_hashes: bool) -> None:
+    path = version_dir / rec["file"]
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file named by the manifest ({owner}) is missing; rebuild the artifact")
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        raise ArtifactError(f"{path}: {size} bytes, manifest says {rec['bytes']}: the file was changed or truncated; rebuild the artifact")
+    if check_hashes and sha256_file(path) != rec["sha256"]:
+        raise ArtifactError(f"{path}: sha256 does not match the manifest: the file was changed; rebuild the artifact")
+
+
 def verify_files(version_dir: Path, manifest: dict, check_hashes: bool = True) -> None:
-    """Refuse an artifact whose files do not match the manifest, naming the file."""
+    """Refuse an artifact whose files do not match the manifest, naming the file.
+
+    Every file of the version folder is checked: the model files of each component and the
+    manifest's "files" list (tokenizers, scheduler and other configs, calibration ranges).
+    """
+    checked = set()
     for name, comp in manifest["components"].items():
         for rec in comp["files"]:
-            path = version_dir / rec["file"]
-            if not path.is_file():
-                raise ArtifactError(f"{path}: file named by the manifest (component {name}) is missing; rebuild the artifact")
-            size = path.stat().st_size
-            if size != rec["bytes"]:
-                raise ArtifactError(f"{path}: {size} bytes, manifest says {rec['bytes']}: the file was changed or truncated; rebuild the artifact")
-            if check_hashes and sha256_file(path) != rec["sha256"]:
-                raise ArtifactError(f"{path}: sha256 does not match the manifest: the file was changed; rebuild the artifact")
+            _check_file(version_dir, rec, f"component {name}", check_hashes)
+            checked.add(rec["file"])
+    if "files" not in manifest:
+        raise ArtifactError(f"{version_dir / MANIFEST}: no \"files\" list, so its tokenizer and config files cannot be "
+                            "verified; rebuild the artifact")
+    for rec in manifest["files"]:
+        if rec["file"] not in checked:
+            _check_file(version_dir, rec, "files", check_hashes)
 
 
 @dataclass
@@ -102,9 +119,38 @@ def make_session(path: Path, threads: int | None = None, low_memory: bool = Fals
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def load(path: str | Path, check_hashes: bool = True) -> Artifact:
+# What each runtime kind is and which command reads it, for "wrong artifact" messages.
+KINDS = {
+    "causal-lm": ("a GPT-2 text generator", "onnxforge generate"),
+    "sd": ("a Stable Diffusion pipeline", "onnxforge imagine"),
+    "sam": ("a Segment Anything model", "onnxforge segment"),
+}
+
+
+def check_kind(version_dir: Path, manifest: dict, expect_kind: str) -> None:
+    """One line when an artifact is not of the kind a runtime reads: what it is and which command reads it."""
+    kind = (manifest.get("runtime") or {}).get("kind")
+    if kind == expect_kind:
+        return
+    info = manifest.get("artifact") or {}
+    what, command = KINDS.get(kind, (f"of runtime kind {kind!r}", None))
+    wanted, wanted_command = KINDS.get(expect_kind, (f"of runtime kind {expect_kind!r}", None))
+    it = (f"{version_dir} is {what} (recipe {info.get('recipe')}, variant {info.get('variant')}, "
+          f"family {info.get('family')})")
+    use = f"; use it with `{command} --artifact {version_dir}`" if command else ""
+    raise ArtifactError(f"{it}, but {wanted_command or 'this command'} needs {wanted}{use}")
+
+
+def load(path: "str | Path | Artifact", check_hashes: bool = True, expect_kind: str | None = None) -> Artifact:
+    """Read and verify an artifact; with expect_kind, refuse another family's artifact before reading its files."""
+    if isinstance(path, Artifact):
+        if expect_kind:
+            check_kind(path.dir, path.manifest, expect_kind)
+        return path
     version_dir = resolve(path)
     manifest = read_manifest(version_dir)
+    if expect_kind:
+        check_kind(version_dir, manifest, expect_kind)
     verify_files(version_dir, manifest, check_hashes=check_hashes)
     return Artifact(version_dir, manifest)
 

@@ -121,6 +121,14 @@ class Generation:
         return path
 
 
+def _stage_line(progress, text: str) -> None:
+    """progress="lines" (not a terminal): one line per stage on stderr instead of a progress bar."""
+    if progress == "lines":
+        import sys
+
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+
 def _session_factory(paths: dict[str, Path], manifest_components: dict | None, threads, low_memory):
     def make(name: str):
         sess = art.make_session(paths[name], threads=threads, low_memory=low_memory)
@@ -138,9 +146,7 @@ class StableDiffusion:
     """Text-to-image with an SD artifact (fp32 or a quantized variant)."""
 
     def __init__(self, artifact, threads: int | None = None, low_memory: bool = False, check_hashes: bool = True):
-        a = artifact if isinstance(artifact, art.Artifact) else art.load(artifact, check_hashes=check_hashes)
-        if a.runtime.get("kind") != "sd":
-            raise art.ArtifactError(f"{a.dir}: not a Stable Diffusion artifact (runtime kind {a.runtime.get('kind')!r})")
+        a = art.load(artifact, check_hashes=check_hashes, expect_kind="sd")
         m = a.manifest
         paths = {name: a.component_path(name) for name in m["components"]}
         versions = {"recipe": m["artifact"]["recipe"], "variant": m["artifact"]["variant"],
@@ -252,7 +258,7 @@ class StableDiffusion:
         return rng.standard_normal((1, c, height // f, width // f), dtype=np.float32)
 
     def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler: str, steps: int, guidance_scale: float,
-                progress: bool = False, callback=None,
+                progress: bool | str = False, callback=None,
                 generator: np.random.Generator | None = None) -> tuple[np.ndarray, list[float]]:
         """`generator`: the run's Generator, for schedulers that draw noise between steps (LCM)."""
         sched = make_scheduler(scheduler, self.runtime["scheduler_config"])
@@ -264,7 +270,11 @@ class StableDiffusion:
         times = []
         from tqdm import tqdm
 
-        for i, t in enumerate(tqdm(sched.timesteps, desc="denoising", unit="step", disable=not progress, leave=False)):
+        # The bar counts UNet calls: PNDM calls the UNet steps + 1 times (its first step is run twice).
+        calls = len(sched.timesteps)
+        label = f"{steps} {scheduler} steps" + (f" = {calls} UNet calls" if calls != steps else "")
+        bar = tqdm(sched.timesteps, desc=f"denoising ({label})", unit="call", disable=progress is not True, leave=False)
+        for i, t in enumerate(bar):
             model_in = sched.scale_model_input(x, t)
             if cfg:
                 model_in = np.concatenate([model_in, model_in])
@@ -278,6 +288,7 @@ class StableDiffusion:
             x = sched.step(noise, t, x, **step_kwargs)
             if callback is not None:
                 callback(i, t, x)
+        _stage_line(progress, f"denoising: {label}, {sum(times):.1f} s")
         self._release("unet")
         return x, times
 
@@ -300,9 +311,10 @@ class StableDiffusion:
     def generate(self, prompt: str, negative_prompt: str = "", *, steps: int | None = None,
                  guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
                  seed: int | None = None, scheduler: str | None = None, latents: np.ndarray | None = None,
-                 progress: bool = False, callback=None) -> Generation:
+                 progress: bool | str = False, callback=None) -> Generation:
         """Draw one picture. Unset settings come from the manifest; `latents` (1, C, h, w) replaces the
-        seeded starting noise (it is scaled by the scheduler's init_noise_sigma, as diffusers does)."""
+        seeded starting noise (it is scaled by the scheduler's init_noise_sigma, as diffusers does).
+        progress: True a progress bar, "lines" one line per stage on stderr (for logs), False nothing."""
         from PIL import Image
 
         rt = self.runtime
@@ -339,6 +351,7 @@ class StableDiffusion:
         started = time.perf_counter()
         embeddings, token_info = self.encode_prompts(prompt, negative_prompt, guidance)
         t_text = time.perf_counter() - started
+        _stage_line(progress, f"text encoder: {t_text:.2f} s")
         if token_info["truncated"]:
             notes.append(f"prompt truncated to {rt['max_length'] - 2} tokens, dropped {token_info['truncated']!r}")
         final, step_times = self.denoise(latents, embeddings, scheduler, steps, guidance_scale, progress, callback,
@@ -346,6 +359,7 @@ class StableDiffusion:
         t_vae = time.perf_counter()
         pixels = self.decode(final)
         t_end = time.perf_counter()
+        _stage_line(progress, f"VAE decoder: {t_end - t_vae:.2f} s")
         image = Image.fromarray((pixels * 255).round().astype(np.uint8))
         settings = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": int(seed), "steps": steps,
                     "scheduler": scheduler, "guidance_scale": guidance_scale, "width": width, "height": height}

@@ -158,7 +158,7 @@ class TextGenerator:
     """Tokenizer + decoder + prompt template, all from one artifact."""
 
     def __init__(self, artifact: str | Path | Artifact, threads: int | None = None):
-        self.artifact = artifact if isinstance(artifact, Artifact) else load(artifact)
+        self.artifact = load(artifact, expect_kind="causal-lm")
         rt = self.artifact.runtime
         from tokenizers import Tokenizer
 

@@ -42,7 +42,13 @@ def train_clip_tokenizer(corpus: Path, vocab_size: int, out_dir: Path):
         pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], end_of_word_suffix="</w>",
+    # The trainer numbers the word-final symbols ("a</w>") in hash-map order, which differs from run to run,
+    # and breaks ties between equally frequent merges by those numbers: the same corpus gave a different
+    # vocab, hence different calibration token ids and int8 ranges (issue 10, 3a). Listed up front, sorted,
+    # they get fixed ids (saved as ordinary vocab entries: vocab.json and merges.txt know no special tokens).
+    words = [w for line in lines for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line))]
+    word_ends = sorted({w[-1] + "</w>" for w in words if w})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, *word_ends], end_of_word_suffix="</w>",
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(lines, trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
