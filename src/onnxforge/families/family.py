@@ -29,5 +29,5 @@ class Family:
     bench: Any = None  # the family's benchmark (a module with the bench.BenchFamily interface), or None
     # Packages whose versions change this family's outputs: part of every stage digest.
     toolchain: tuple[str, ...] = ()
-    description: str = ""
+    description: str = ""  # what its artifacts are, e.g. "GPT-2 text generator" (one-line errors, reports)
     extra: dict = field(default_factory=dict)

@@ -119,12 +119,12 @@ def make_session(path: Path, threads: int | None = None, low_memory: bool = Fals
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-# What each runtime kind is and which command reads it, for "wrong artifact" messages.
-KINDS = {
-    "causal-lm": ("a GPT-2 text generator", "onnxforge generate"),
-    "sd": ("a Stable Diffusion pipeline", "onnxforge imagine"),
-    "sam": ("a Segment Anything model", "onnxforge segment"),
-}
+def _kind(kind: str | None) -> tuple[str, str | None]:
+    """What a runtime kind is and which command reads it, from the family registry (for one-line errors)."""
+    from ..families import family_of_kind
+
+    fam = family_of_kind(kind or "")
+    return (f"a {fam.description}", f"onnxforge {fam.command}") if fam else (f"of runtime kind {kind!r}", None)
 
 
 def check_kind(version_dir: Path, manifest: dict, expect_kind: str) -> None:
@@ -133,8 +133,8 @@ def check_kind(version_dir: Path, manifest: dict, expect_kind: str) -> None:
     if kind == expect_kind:
         return
     info = manifest.get("artifact") or {}
-    what, command = KINDS.get(kind, (f"of runtime kind {kind!r}", None))
-    wanted, wanted_command = KINDS.get(expect_kind, (f"of runtime kind {expect_kind!r}", None))
+    what, command = _kind(kind)
+    wanted, wanted_command = _kind(expect_kind)
     it = (f"{version_dir} is {what} (recipe {info.get('recipe')}, variant {info.get('variant')}, "
           f"family {info.get('family')})")
     use = f"; use it with `{command} --artifact {version_dir}`" if command else ""

@@ -15,5 +15,5 @@ FAMILY = Family(
     command="generate",
     bench=bench,
     toolchain=("torch", "transformers", "tokenizers", "onnxscript"),
-    description="GPT-2 causal language model (text)",
+    description="GPT-2 text generator",
 )

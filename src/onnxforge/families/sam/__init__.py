@@ -15,5 +15,5 @@ FAMILY = Family(
     command="segment",
     bench=bench,
     toolchain=("torch", "transformers"),
-    description="Segment Anything (image encoder + prompt decoder)",
+    description="Segment Anything model",
 )

@@ -16,5 +16,5 @@ FAMILY = Family(
     command="imagine",
     bench=bench,
     toolchain=("torch", "transformers", "diffusers", "tokenizers"),
-    description="Stable Diffusion (text encoder, UNet, VAE)",
+    description="Stable Diffusion pipeline",
 )
