@@ -142,6 +142,20 @@ def _session_factory(paths: dict[str, Path], manifest_components: dict | None, t
     return make
 
 
+def predict_noise(unet, model_in: np.ndarray, t, embeddings: np.ndarray, guidance_scale: float) -> np.ndarray:
+    """One UNet call. With [negative, prompt] embeddings (batch 2) the input is doubled and the two noise
+    predictions are mixed by the guidance scale (classifier-free guidance); batch 1 runs the prompt alone."""
+    cfg = embeddings.shape[0] == 2
+    if cfg:
+        model_in = np.concatenate([model_in, model_in])
+    noise = unet.run(None, {"sample": model_in, "timestep": np.full(model_in.shape[0], t, dtype=np.float32),
+                            "encoder_hidden_states": embeddings})[0]
+    if cfg:
+        uncond, cond = noise[:1], noise[1:]
+        noise = uncond + np.float32(guidance_scale) * (cond - uncond)
+    return noise
+
+
 class StableDiffusion:
     """Text-to-image with an SD artifact (fp32 or a quantized variant)."""
 
@@ -266,7 +280,6 @@ class StableDiffusion:
         sched.set_timesteps(steps)
         x = (latents * np.float32(sched.init_noise_sigma)).astype(np.float32)
         unet = self.session("unet")
-        cfg = embeddings.shape[0] == 2
         times = []
         from tqdm import tqdm
 
@@ -275,16 +288,9 @@ class StableDiffusion:
         label = f"{steps} {scheduler} steps" + (f" = {calls} UNet calls" if calls != steps else "")
         bar = tqdm(sched.timesteps, desc=f"denoising ({label})", unit="call", disable=progress is not True, leave=False)
         for i, t in enumerate(bar):
-            model_in = sched.scale_model_input(x, t)
-            if cfg:
-                model_in = np.concatenate([model_in, model_in])
             started = time.perf_counter()
-            noise = unet.run(None, {"sample": model_in, "timestep": np.full(model_in.shape[0], t, dtype=np.float32),
-                                    "encoder_hidden_states": embeddings})[0]
+            noise = predict_noise(unet, sched.scale_model_input(x, t), t, embeddings, guidance_scale)
             times.append(time.perf_counter() - started)
-            if cfg:
-                uncond, cond = noise[:1], noise[1:]
-                noise = uncond + np.float32(guidance_scale) * (cond - uncond)
             x = sched.step(noise, t, x, **step_kwargs)
             if callback is not None:
                 callback(i, t, x)
@@ -438,15 +444,9 @@ class StableDiffusion:
         from tqdm import tqdm
 
         for i, t in enumerate(tqdm(timesteps, desc="editing", unit="step", disable=not progress, leave=False)):
-            model_in = sched.scale_model_input(x, t)
-            if guidance:
-                model_in = np.concatenate([model_in, model_in])
             t0 = time.perf_counter()
-            eps = unet.run(None, {"sample": model_in, "timestep": np.full(model_in.shape[0], t, dtype=np.float32),
-                                  "encoder_hidden_states": embeddings})[0]
+            eps = predict_noise(unet, sched.scale_model_input(x, t), t, embeddings, guidance_scale)
             step_times.append(time.perf_counter() - t0)
-            if guidance:
-                eps = eps[:1] + np.float32(guidance_scale) * (eps[1:] - eps[:1])
             x = sched.step(eps, t, x, **step_kwargs)
             known = sched.add_noise(original, noise, timesteps[i + 1]) if i < len(timesteps) - 1 else original
             x = (m * x + (1 - m) * known).astype(np.float32)
