@@ -29,7 +29,11 @@ class Project:
     def env(self, **extra) -> dict:
         env = dict(os.environ)
         env.update(ONNXFORGE_PROJECT=str(self.dir), ONNXFORGE_RECIPES=str(self.recipes),
-                   ONNXFORGE_ARTIFACTS=str(self.artifacts), PYTHONWARNINGS="ignore")
+                   ONNXFORGE_ARTIFACTS=str(self.artifacts), PYTHONWARNINGS="ignore",
+                   # The machine's Hugging Face cache must not change a build (issue 10, item 22: a cached
+                   # CLIP model turned CLIP scores on); tests that want a cache pass their own.
+                   HF_HOME=str(self.dir / ".hf-home"), HF_HUB_CACHE=str(self.dir / ".hf-home" / "hub"),
+                   HF_HUB_OFFLINE="1")
         env.update(extra)
         return env
 

@@ -57,9 +57,15 @@ def test_stop_string_cuts_the_text(gen):
     assert full.text.startswith(cut.text)
 
 
-def test_raw_prompt_and_eos(gen):
-    raw = gen.generate("The dragon", SamplingSettings(seed=0, max_new_tokens=5), use_template=False)
-    assert raw.prompt == "The dragon"
+def test_raw_prompt_and_eos(tiny):
+    """Issue 10, item 22: a raw prompt is used as given, and generation stops at the EOS token (not counted)."""
+    gen = TextGenerator(tiny.variant("kv"))
+    greedy = SamplingSettings(greedy=True, max_new_tokens=5)
+    raw = gen.generate("The dragon", greedy, use_template=False)
+    assert raw.prompt == "The dragon" and raw.finish_reason == "length" and len(raw.token_ids) == 5
+    gen.eos_id = raw.token_ids[2]  # make the third greedy token the end of text
+    stopped = gen.generate("The dragon", greedy, use_template=False)
+    assert stopped.finish_reason == "eos" and stopped.token_ids == raw.token_ids[:2]
 
 
 def test_pick_token_penalties_and_filters():
