@@ -418,7 +418,8 @@ def _blend_diffusers(name, config, steps, strength, x0, noise, mask, bias):
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.8, 1.0])
-@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+# LCM re-noises between steps from the run's generator: its blend is checked end to end in test_demo/test_edits.
+@pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n != "lcm"])
 def test_masked_img2img_blend_matches_diffusers(name, strength):
     x0, bias = _inputs(1)
     noise = np.random.default_rng(2).standard_normal(LATENT_SHAPE).astype(np.float32)

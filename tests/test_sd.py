@@ -608,7 +608,7 @@ def test_cli_warns_on_long_and_empty_prompts(fp32, tmp_path):
     ({"steps": -3}, r"steps must be a whole number from 1 to 200, got -3"),
     ({"steps": 100000}, r"steps must be a whole number from 1 to 200, got 100000"),
     ({"steps": 2.5}, r"steps must be a whole number from 1 to 200, got 2\.5"),
-    ({"scheduler": "lms"}, r"unknown scheduler 'lms'; choose one of: pndm, ddim, euler, dpm\+\+2m"),
+    ({"scheduler": "lms"}, r"unknown scheduler 'lms'; choose one of: pndm, ddim, euler, dpm\+\+2m, lcm"),
     ({"scheduler": "PNDM"}, r"unknown scheduler 'PNDM'"),
     ({"guidance_scale": -1}, r"guidance scale must be a number from 0 to 50"),
     ({"seed": -5}, r"seed must be a whole number >= 0, got -5"),
@@ -631,7 +631,7 @@ def test_prompt_must_be_text(sd):
     (["--size", "big"], r"--size 'big': expected WIDTHxHEIGHT or one number"),
     (["--steps", "0"], r"steps must be a whole number from 1 to 200, got 0"),
     (["--steps", "5000"], r"steps must be a whole number from 1 to 200, got 5000"),
-    (["--scheduler", "lms"], r"unknown scheduler 'lms'; choose one of: pndm, ddim, euler, dpm\+\+2m"),
+    (["--scheduler", "lms"], r"unknown scheduler 'lms'; choose one of: pndm, ddim, euler, dpm\+\+2m, lcm"),
     (["--out", "x.jpg"], r"--out x\.jpg: the picture is saved as PNG"),
 ])
 def test_cli_bad_input_is_one_line_with_exit_2(fp32, tmp_path, args, match):
@@ -799,7 +799,7 @@ SD_HEAD = ("family: sd\nsource:\n  random: {config: {}, seed: 0, tokenizer: {tra
     (SD_HEAD + "variants: {fp32: {}}\nruntime: {steps: 300}\n", r"steps 300 exceeds max_steps 200"),
     (SD_HEAD + "variants: {fp32: {}}\ncalibration: {max_prompts: 3, held_out: 3}\n", r"held_out \(3\) must be smaller than max_prompts \(3\)"),
     (SD_HEAD + "variants: {fp32: {}}\nquality: {images: 3}\n", r"quality\.images \(3\) exceeds calibration\.held_out \(2\)"),
-    (SD_HEAD + "variants: {fp32: {}}\ncalibration: {scheduler: lms}\n", r"calibration\.scheduler: Input should be 'pndm', 'ddim', 'euler' or 'dpm\+\+2m'"),
+    (SD_HEAD + "variants: {fp32: {}}\ncalibration: {scheduler: lms}\n", r"calibration\.scheduler: Input should be 'pndm', 'ddim', 'euler', 'dpm\+\+2m' or 'lcm'"),
     (SD_HEAD + "variants: {fp32: {}}\nvalidate: {sizes: [[64, 60]]}\n", r"validate\.sizes\.0\.1: Input should be a multiple of 8"),
     (SD_HEAD + "variants: {q: {unet: {mode: dynamic, dynamic_op_types: [MatMul]}}}\n",
      r"variants\.q\.unet: dynamic_op_types is for mode static \(then dynamic\); with mode dynamic use op_types"),
