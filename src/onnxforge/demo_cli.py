@@ -64,7 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                             "recorded in run.json)")
     d.add_argument("--size", help="picture size WIDTHxHEIGHT or one number (default: the SD manifest's)")
     d.add_argument("--steps", type=int, help="denoising steps (default: the SD manifest's)")
-    d.add_argument("--scheduler", help="pndm, ddim, euler or dpm++2m (default: the SD manifest's)")
+    d.add_argument("--scheduler", help="pndm, ddim, euler, dpm++2m or lcm (default: the SD manifest's)")
     d.add_argument("--out", default="runs", help="folder for the run folders (default: runs)")
     d.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
     d.add_argument("--text-model", help="GPT-2 artifact: recipe, recipe/variant or folder (default: automatic)")
