@@ -43,20 +43,10 @@ LATENT_SHAPE = (1, 4, 8, 8)
 
 
 def _diffusers_scheduler(name, config):
-    diffusers = pytest.importorskip("diffusers")
-    if name == "pndm":
-        return diffusers.PNDMScheduler.from_config(config)
-    if name == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
-    if name == "euler":
-        return diffusers.EulerDiscreteScheduler.from_config(config)
-    if name == "dpm++2m":
-        return diffusers.DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True
-        )
-    if name == "lcm":
-        return diffusers.LCMScheduler.from_config(config)
-    raise AssertionError(name)
+    """diffusers' scheduler for one of our names: the same mapping the build's calibration uses."""
+    from onnxforge.families.sd.calibrate import diffusers_scheduler
+
+    return diffusers_scheduler(name, config)
 
 
 def _inputs(seed=0):
