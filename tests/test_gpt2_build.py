@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer
 from transformers import GPT2LMHeadModel
 
 from onnxforge.runtime import artifact as art
 from onnxforge.runtime.text import CausalLM
+
+from conftest import REPO
 
 VARIANTS = ("base", "kv", "pruned", "kv-int8")
 LOGITS_ATOL = 1e-4  # fp32 ONNX vs fp32 PyTorch on the tiny model; measured ~1e-5
@@ -133,8 +137,49 @@ def test_int8_is_quantized_smaller_and_agrees(loaded):
     size = lambda x: sum(f["bytes"] for f in x.manifest["components"]["decoder"]["files"])  # noqa: E731
     assert size(a) < size(fp32)
     checks = {c["check"]: c for c in a.manifest["validation"]["checks"]}
-    assert checks["top1 agreement with fp32 ONNX"]["value"] >= 0.9
-    assert checks["mean logit cosine vs fp32 ONNX"]["value"] >= 0.99
+    floors = recipe_floors()["kv-int8"]
+    top1, cosine = checks["top1 agreement with fp32 ONNX"], checks["mean logit cosine vs fp32 ONNX"]
+    assert top1["limit"] == floors["min_top1_agreement"] and floors["min_top1_agreement"] <= top1["value"] <= 1
+    assert cosine["limit"] == floors["min_logit_cosine"] and floors["min_logit_cosine"] <= cosine["value"] <= 1
+
+
+def recipe_floors() -> dict:
+    return yaml.safe_load((REPO / "recipes" / "gpt2-tiny.yaml").read_text())["variants"]
+
+
+def test_pruned_perplexity_meets_its_ceiling(loaded):
+    check = next(c for c in loaded["pruned"].manifest["validation"]["checks"] if c["check"] == "perplexity ratio pruned/unpruned")
+    assert check["limit"] == recipe_floors()["pruned"]["max_perplexity_ratio"] and 1 < check["value"] <= check["limit"]
+
+
+def test_quality_floors_are_enforced_by_the_build(tiny, loaded):
+    """Floors set just past what the build measures fail `publish:`, naming the checks: kv-int8's two
+    floors, and the pruned variant's perplexity ceiling. (7-bit int8 weights, a genuine damage, stay
+    within the shipped floors: they leave room for an AVX2 CPU.)"""
+    recipe = tiny.recipes / "gpt2-tiny.yaml"
+    original = recipe.read_text()
+    checks = {c["check"]: c["value"] for name in ("kv-int8", "pruned") for c in loaded[name].manifest["validation"]["checks"]}
+    top1, cosine = checks["top1 agreement with fp32 ONNX"], checks["mean logit cosine vs fp32 ONNX"]
+    ratio = checks["perplexity ratio pruned/unpruned"]
+    assert top1 < 1 and cosine < 0.99998 and ratio > 1.0002  # else no floor fits between
+    before = {v: tiny.variant(v) for v in ("kv-int8", "pruned")}
+    try:
+        text = re.sub(r"\n  kv-int8: \{[^}]*\}", f"\n  kv-int8: {{min_top1_agreement: {top1 + 1e-4:.5f}, "
+                      f"min_logit_cosine: {cosine + 1e-5:.7f}}}", original)
+        text = re.sub(r"\n  pruned: \{[^}]*\}", f"\n  pruned: {{ratio: 0.25, max_perplexity_ratio: {ratio - 1e-4:.5f}}}", text)
+        recipe.write_text(text)
+        proc = tiny.doit("--continue", "publish:gpt2-tiny-kv-int8", "publish:gpt2-tiny-pruned", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in out
+        lines = {x.split(":")[1]: x for x in out.splitlines() if ": failed, nothing published: " in x}
+        assert re.fullmatch(r"validate:gpt2-tiny-kv-int8: failed, nothing published: top1 agreement with fp32 ONNX: [\d.]+ "
+                            r"\(limit [\d.]+\); mean logit cosine vs fp32 ONNX: [\d.]+ \(limit [\d.]+\)", lines["gpt2-tiny-kv-int8"])
+        assert re.search(r"[:;] perplexity ratio pruned/unpruned: [\d.]+ \(limit [\d.]+\)$", lines["gpt2-tiny-pruned"])
+        assert {v: tiny.variant(v) for v in before} == before  # nothing new published
+    finally:
+        recipe.write_text(original)
+        tiny.doit("build")  # the failed validations left doit's state behind: bring it back up to date
+    assert {v: tiny.variant(v) for v in before} == before
 
 
 def test_second_build_does_nothing(tiny):
@@ -149,7 +194,7 @@ def test_recipe_change_rebuilds_only_what_depends_on_it(tiny):
     original = recipe.read_text()
     old_int8 = tiny.variant("kv-int8")
     try:
-        recipe.write_text(original.replace("kv-int8: {min_top1_agreement: 0.9,", "kv-int8: {quantize_lm_head: false, min_top1_agreement: 0.9,"))
+        recipe.write_text(original.replace("kv-int8: {min_top1_agreement:", "kv-int8: {quantize_lm_head: false, min_top1_agreement:"))
         out = tiny.doit("build").stdout
         ran = sorted(line[3:] for line in out.splitlines() if line.startswith(".  "))
         assert ran == ["publish:gpt2-tiny-kv-int8", "quantize:gpt2-tiny-kv-int8", "validate:gpt2-tiny-kv-int8"]

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from onnxforge.config import RecipeError, load_recipe
@@ -367,24 +368,29 @@ def test_dynamic_int8_quantizes_weight_matmuls_only(fp32, int8_dynamic):
     assert q["unet"]["bytes"] < q["unet"]["fp32_bytes"] and q["vae_decoder"]["mode"] == "float"
 
 
+def recipe_variant(name: str) -> dict:
+    """A variant of the shipped sd-tiny recipe, as written (its floors are the numbers the tests hold it to)."""
+    return yaml.safe_load((REPO / "recipes" / "sd-tiny.yaml").read_text())["variants"][name]
+
+
 def test_quality_is_measured_and_recorded_for_every_quantized_variant(int8, int8_dynamic):
-    for a, subs in ((int8, ("text_encoder", "unet", "vae_decoder", "vae_encoder")), (int8_dynamic, ("text_encoder", "unet"))):
-        v = a.manifest["validation"]
+    for a, name, subs in ((int8, "int8", ("text_encoder", "unet", "vae_decoder", "vae_encoder")),
+                          (int8_dynamic, "int8-dynamic", ("text_encoder", "unet"))):
+        v, floors = a.manifest["validation"], recipe_variant(name)
         assert set(v["submodules"]) == set(subs)
-        for name in subs:
-            r = v["submodules"][name]
-            assert -1 <= r["cosine_min"] <= r["cosine_mean"] <= 1 and r["inputs"] >= 1
-            assert isinstance(r["snr_db_mean"], float) or r["snr_db_mean"] == "inf"
+        for sub in subs:
+            r = v["submodules"][sub]
+            assert r["cosine_min"] <= r["cosine_mean"] <= 1 and r["inputs"] >= 1
+            assert r["cosine_mean"] >= floors[sub]["min_cosine"] and r["snr_db_mean"] >= floors[sub]["min_snr_db"], (name, sub, r)
         unet = v["submodules"]["unet"]
         assert unet["inputs"] == 12 and max(unet["timesteps"]) > 900 and min(unet["timesteps"]) < 100
         img = v["images"]
         assert len(img["per_image"]) == 2 and img["settings"]["steps"] == 10
-        assert 0 < img["psnr_db_mean"] and -1 <= img["ssim_mean"] <= 1
+        assert img["psnr_db_mean"] >= floors["min_psnr_db"] and floors["min_ssim"] <= img["ssim_mean"] <= 1, (name, img)
         assert all((a.dir / f).is_file() for f in img["files"])
         assert v["clip_score"]["note"].startswith("skipped: CLIP model 'openai/clip-vit-base-patch32' is not available locally")
-        checks = {c["check"]: c for c in v["checks"]}
-        assert checks["unet output cosine vs fp32 (mean, held-out inputs)"]["passed"]
-        assert checks["image PSNR dB vs fp32 pipeline (mean)"]["passed"]
+        # every floor of the recipe is a check in the manifest, and each passed
+        assert len(v["checks"]) == 2 * len(subs) + 2 and all(c["passed"] for c in v["checks"])
 
 
 def test_clip_score_with_a_local_clip_model(source_dir, tmp_path):
@@ -542,7 +548,9 @@ def test_quantized_variants_draw_pictures_close_to_fp32(sd, int8, int8_dynamic):
     ref = np.asarray(sd.generate(PROMPT, seed=0, steps=4).image)
     for a in (int8, int8_dynamic):
         img = np.asarray(StableDiffusion(a).generate(PROMPT, seed=0, steps=4).image)
-        assert psnr(ref, img) > 10
+        # the floor the build holds this variant to (on its own quality images), here on another prompt
+        floor = next(c["limit"] for c in a.manifest["validation"]["checks"] if c["check"].startswith("image PSNR"))
+        assert psnr(ref, img) >= floor
 
 
 def test_runtime_imports_no_torch(fp32, tmp_path):
@@ -715,6 +723,23 @@ def test_a_variant_below_its_floors_fails_the_build_with_the_numbers(scratch_pro
                      text)
     assert "cosine" not in text.split("nothing published:")[1].split("\n")[0]  # only the failed floors are named
     assert not (scratch_project.artifacts / "sd-tiny" / "strict" / "LATEST").exists()
+
+
+def test_a_damaged_unet_fails_the_shipped_int8_floors(scratch_project):
+    """The int8 floors bite: the same variant with every UNet node quantized (no float time embedding,
+    conv_in/out, shortcuts; static MatMuls) fails them, on the UNet's own floors first."""
+    damaged = recipe_variant("int8")
+    damaged["unet"] = {**damaged["unet"], "op_types": ["Conv", "Gemm", "MatMul"], "dynamic_op_types": [], "keep_float": []}
+    scratch_project.recipes.joinpath("sd-tiny.yaml").write_text(
+        _with_variants("  damaged: " + json.dumps(damaged) + "\n"))
+    proc = scratch_project.doit("publish:sd-tiny-damaged", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in text
+    line = next(x for x in text.splitlines() if x.startswith("validate:sd-tiny-damaged: failed, nothing published: "))
+    unet = damaged["unet"]
+    assert re.search(rf"unet output cosine vs fp32 \(mean, held-out inputs\): [\d.]+ \(limit {unet['min_cosine']}\)", line), line
+    assert re.search(rf"unet output SNR dB vs fp32 \(mean, held-out inputs\): [\d.]+ \(limit {unet['min_snr_db']}\)", line), line
+    assert not (scratch_project.artifacts / "sd-tiny" / "damaged" / "LATEST").exists()
 
 
 def test_keep_float_naming_missing_nodes_fails_naming_them(scratch_project):
