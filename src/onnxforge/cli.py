@@ -187,15 +187,10 @@ def _add_bench_settings(p: argparse.ArgumentParser) -> None:
 
 
 def _numbers(text: str, count: int, flag: str, example: str) -> tuple[float, ...]:
-    """'x,y' -> (x, y); a mistake is one line that shows the expected form."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != count or len(parts) != count:
-        raise ValueError(f"{flag} {text!r}: expected {count} comma-separated numbers, e.g. {flag} {example}")
-    return values
+    """'x,y' -> (x, y); a mistake is one line that shows the expected form (the demo's parser, with the flag)."""
+    from .demo_cli import parse_numbers
+
+    return parse_numbers(text, count, flag, f"{flag} {example}")
 
 
 class _PromptAction(argparse.Action):

@@ -85,6 +85,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def parse_numbers(text: str, count: int, what: str, example: str) -> tuple[float, ...]:
+    """'x,y' -> (x, y) for the demo's answers and every command's coordinates; a mistake is one line."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
         values = tuple(float(p) for p in parts)
