@@ -18,7 +18,7 @@ from onnxforge.runtime.text import CausalLM
 from conftest import REPO
 
 VARIANTS = ("base", "kv", "pruned", "kv-int8")
-LOGITS_ATOL = 1e-4  # fp32 ONNX vs fp32 PyTorch on the tiny model; measured ~1e-5
+LOGITS_ATOL = 1e-3  # fp32 ONNX vs fp32 PyTorch on the tiny model: usually ~5e-6, 8e-4 seen (recipe comment)
 GREEDY_TOKENS = 32
 
 
@@ -213,7 +213,7 @@ def test_failed_validation_fails_the_build_with_numbers_and_publishes_nothing(ti
     original = recipe.read_text()
     before = {p for p in (tiny.artifacts / "gpt2-tiny" / "kv").iterdir()}
     try:
-        recipe.write_text(original.replace("logits_atol: 1.0e-4", "logits_atol: 1.0e-12"))
+        recipe.write_text(original.replace("logits_atol: 1.0e-3", "logits_atol: 1.0e-12"))
         proc = tiny.doit("validate:gpt2-tiny-kv", check=False)
         assert proc.returncode != 0
         text = proc.stdout + proc.stderr
