@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[build,test]"
+	$(PY) -m pip install -q -e ".[build,test,clients]"
 	touch $@
 
 build: setup
