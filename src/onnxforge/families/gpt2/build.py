@@ -28,6 +28,9 @@ from .recipe import Gpt2Recipe
 EOS = "<|endoftext|>"
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
 TOKENIZER = "tokenizer.json"
+# What transformers reads beside the ONNX file, so optimum's ORTModelForCausalLM.from_pretrained(version folder)
+# opens an artifact as it is (README "Use the artifacts elsewhere"); published and hashed like every file.
+HF_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
 RUNTIME_KIND = "causal-lm"
 
 
@@ -193,6 +196,28 @@ def save_tokenizer(model_dir: Path, out_file: Path) -> None:
         ByteLevelBPETokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt")).save(str(out_file))
         return
     raise FileNotFoundError(f"{model_dir}: no tokenizer.json (or vocab.json + merges.txt) in the model folder")
+
+
+def save_hf_files(model_dir: Path, out: Path) -> None:
+    """config.json and generation_config.json of the exported model (a pruned model's config names its pruned
+    heads and MLP width), and the tokenizer_config.json + special_tokens_map.json transformers' GPT2TokenizerFast
+    writes for our tokenizer.json (which stays the file the runtime reads, byte for byte)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, GenerationConfig, GPT2TokenizerFast
+
+    shutil.copyfile(model_dir / "config.json", out / "config.json")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copyfile(model_dir / "generation_config.json", out / "generation_config.json")
+    else:  # a local folder without one: what transformers would derive from the config
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)).save_pretrained(out)
+    context = json.loads((model_dir / "config.json").read_text())["n_positions"]
+    tok = GPT2TokenizerFast(tokenizer_file=str(out / TOKENIZER), model_max_length=context)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        tok.save_pretrained(scratch)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copyfile(Path(scratch) / name, out / name)
 
 
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
@@ -389,6 +414,7 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     model = load_torch_model(model_dir, attention="sdpa")
     export_gpt2(model, out / "model.onnx", spec.params.with_past, spec.params.opset)
     save_tokenizer(model_dir, out / TOKENIZER)
+    save_hf_files(model_dir, out)
     return {"model": "model.onnx", "model_dir": str(model_dir)}
 
 
@@ -455,7 +481,8 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
                  per_channel=p.per_channel, reduce_range=p.reduce_range)
     for tmp in out.glob("fp32-*.onnx"):
         tmp.unlink()
-    link_or_copy(src / TOKENIZER, out / TOKENIZER)
+    for name in (TOKENIZER, *HF_FILES):
+        link_or_copy(src / name, out / name)
     recorded["int8_bytes"] = (out / "model.onnx").stat().st_size
     return {"model": "model.onnx", "recorded": recorded}
 
@@ -510,7 +537,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     checks_to_run = set(p.checks)
     producer = "quantize" if "vs_fp32" in checks_to_run else "export"
     src = ctx.upstream_dir(spec, producer)
-    for name in ("model.onnx", TOKENIZER):
+    for name in ("model.onnx", TOKENIZER, *HF_FILES):
         link_or_copy(src / name, out / name)
     for extra in src.glob("model.onnx.data"):
         link_or_copy(extra, out / extra.name)
