@@ -17,8 +17,8 @@ import numpy as np
 from ...runtime.artifact import make_session
 from ...store import StageContext, StageSpec, ValidationFailed
 from ..common import ORT_CUSTOM_OPSETS, component_bytes, model_dir_of, name_dims
-from .submodules import (FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON, dynamic_axes,
-                         example_inputs, model_info)
+from .submodules import (COMPONENT_CONFIGS, CONFIGS_DIR, FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR,
+                         TOKENIZER_JSON, dynamic_axes, example_inputs, model_info)
 
 EXTERNAL_DATA_BYTES = 1.8e9
 # Texts on which the runtime's tokenization must equal transformers' CLIPTokenizer (export stage).
@@ -113,12 +113,19 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     slow = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     token_ids = clip_token_ids(slow, [p.parity.prompt, ""], info["max_length"])
 
-    # Tokenizer: tokenizer.json for the runtime (converted from the repo's vocab.json + merges.txt).
+    # Tokenizer: tokenizer.json for the runtime (converted from the repo's vocab.json + merges.txt), beside the
+    # repo's own tokenizer files, which transformers' CLIPTokenizer reads in other loaders (optimum's pipeline).
     (out / TOKENIZER_DIR).mkdir()
+    for f in sorted((model_dir / "tokenizer").iterdir()):
+        if f.is_file() and f.name != "tokenizer.json":
+            shutil.copyfile(f, out / TOKENIZER_DIR / f.name)
     fast = CLIPTokenizerFast.from_pretrained(model_dir / "tokenizer")
     fast.backend_tokenizer.save(str(out / TOKENIZER_JSON))
     info.update(bos_id=slow.bos_token_id, eos_id=slow.eos_token_id, pad_id=slow.pad_token_id)
     shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / SCHEDULER_CONFIG)
+    (out / CONFIGS_DIR).mkdir()
+    for name in COMPONENT_CONFIGS:
+        shutil.copyfile(model_dir / name / "config.json", out / CONFIGS_DIR / f"{name}.json")
 
     # The runtime's tokenization == CLIPTokenizer's on the validation prompt, the calibration prompts
     # and a prompt longer than the text encoder reads.

@@ -2,10 +2,12 @@
 validation and the benchmark alike.
 
     text_encoder  input_ids (B, 77) int64 -> last_hidden_state (B, 77, D)
-    unet          sample (B, C, h, w), timestep (B,) float32, encoder_hidden_states (B, 77, D) -> noise_pred
+    unet          sample (B, C, h, w), timestep (B,) float32, encoder_hidden_states (B, 77, D) -> out_sample
     vae_decoder   latent_sample (B, C, h, w) (already divided by scaling_factor) -> sample (B, 3, 8h, 8w) in [-1, 1]
     vae_encoder   sample (B, 3, H, W) in [-1, 1] -> latent_mean, latent_std (B, C, H/8, W/8)
 Batch, height and width are named dims when the recipe says so (export.dynamic_batch/_size).
+The names are those of optimum's ONNX Stable Diffusion export (the UNet's noise prediction is `out_sample`),
+so `onnxforge export-layout` only links files (layout.py); the runtime reads outputs by position.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from ..common import ort_multihead_attention
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_JSON = f"{TOKENIZER_DIR}/tokenizer.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
+# The source's component configs (diffusers / transformers config.json), published for other loaders
+# (optimum's pipeline reads one beside each ONNX file; see layout.py), never read by the runtime.
+CONFIGS_DIR = "configs"
+COMPONENT_CONFIGS = ("text_encoder", "unet", "vae")  # -> configs/<name>.json
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ SUBMODULE_LIST = (
         axes=lambda b, latent, image: {"input_ids": b, "last_hidden_state": b},
         output_shapes=lambda info, batch, w, h: [[batch, info["max_length"], info["text_hidden_size"]]]),
     Submodule(
-        name="unet", inputs=("sample", "timestep", "encoder_hidden_states"), outputs=("noise_pred",), cfg_batch=True,
+        name="unet", inputs=("sample", "timestep", "encoder_hidden_states"), outputs=("out_sample",), cfg_batch=True,
         keep_float=("time_embedding", "time_emb_proj", "conv_in", "conv_out", "conv_shortcut", "*/downsamplers.*",
                     "proj_in", "proj_out", "op:Softmax"),
         torch_module=_unet_module,
@@ -190,7 +196,7 @@ SUBMODULE_LIST = (
             "timestep": np.asarray([981.0, 421.0][:batch], dtype=np.float32),
             "encoder_hidden_states": rng.standard_normal((batch, info["max_length"], info["text_hidden_size"]),
                                                          dtype=np.float32)},
-        axes=lambda b, latent, image: {"sample": latent, "timestep": b, "encoder_hidden_states": b, "noise_pred": latent},
+        axes=lambda b, latent, image: {"sample": latent, "timestep": b, "encoder_hidden_states": b, "out_sample": latent},
         output_shapes=lambda info, batch, w, h: [_latent(info, batch, w, h)]),
     Submodule(
         name="vae_decoder", inputs=("latent_sample",), outputs=("sample",), cfg_batch=False,

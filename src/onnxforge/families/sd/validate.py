@@ -15,7 +15,7 @@ from ...runtime.artifact import make_session
 from ...store import StageContext, StageSpec, find_upstream, link_or_copy
 from ..common import fail_on, link_component, record_check
 from .calibrate import calibration_reader
-from .submodules import FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON
+from .submodules import CONFIGS_DIR, FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON
 
 RUNTIME_KIND = "sd"
 
@@ -40,8 +40,9 @@ def runtime_block(info: dict, scheduler_config: dict, fixed_size) -> dict:
 
 
 def _link_common(src: Path, out: Path) -> None:
-    for f in (src / TOKENIZER_DIR).iterdir():
-        link_or_copy(f, out / TOKENIZER_DIR / f.name)
+    for folder in (TOKENIZER_DIR, CONFIGS_DIR):
+        for f in (src / folder).iterdir():
+            link_or_copy(f, out / folder / f.name)
     link_or_copy(src / SCHEDULER_CONFIG, out / SCHEDULER_CONFIG)
 
 
