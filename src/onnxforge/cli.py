@@ -1,4 +1,5 @@
-"""`onnxforge`: generate text, segment pictures, inspect artifacts, benchmark variants, build recipes.
+"""`onnxforge`: generate text, segment pictures, inspect artifacts, benchmark variants, build recipes, export
+an artifact in another toolkit's folder layout.
 
 Only the `build` command touches the build stack (torch & co.); the others
 use the runtime alone, so they work on a machine with the `runtime` extra.
@@ -354,6 +355,29 @@ def _imagine(args) -> int:
     return 0
 
 
+def _export_layout(args) -> int:
+    """The artifact in another toolkit's folder layout (links, not copies), by its family's exporter."""
+    from .families import FAMILIES, family_of_kind
+    from .runtime.artifact import ArtifactError, describe, load
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not an empty folder; export-layout never overwrites: "
+                         "give a new folder")
+    a = load(args.artifact)  # every file checked against the manifest before it is linked elsewhere
+    family = family_of_kind(a.runtime.get("kind", ""))
+    if family is None or family.export_layout is None:
+        able = " and ".join(f.description for f in FAMILIES.values() if f.export_layout is not None) or "no"
+        note = f"; {family.layout_note.format(dir=a.dir)}" if family is not None and family.layout_note else ""
+        raise ArtifactError(f"{describe(a.dir, a.manifest)}: export-layout writes {able} artifacts only{note}")
+    result = family.export_layout(a, out)
+    copied = f", {result['copied_bytes'] / 2**20:.1f} MiB copied (another file system)" if result["copied_bytes"] else ""
+    print(f"wrote {result['folder']}: {result['files']} files linked to {a.dir}{copied}"
+          + (f"; left out: {', '.join(result['left_out'])}" if result.get("left_out") else ""))
+    print(f"load it with {result['load']}")
+    return 0
+
+
 def _build(args) -> int:
     try:
         import doit  # noqa: F401
@@ -497,6 +521,22 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--no-progress", action="store_true", help="no progress bar")
     im.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     im.set_defaults(func=_imagine)
+
+    el = sub.add_parser(
+        "export-layout", help="write an artifact in the folder layout another toolkit loads (SD: optimum's pipeline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a Stable Diffusion artifact as the folder optimum's ORTStableDiffusionPipeline loads\n"
+                    "(model_index.json, per-submodule folders with config.json, tokenizer and scheduler folders).\n"
+                    "Every file is a hard link to the artifact's own (a copy only across file systems): no\n"
+                    "gigabytes twice. The folder must not exist or be empty; nothing is ever overwritten.\n"
+                    "GPT-2 artifacts need no layout: optimum's ORTModelForCausalLM opens their version folder.",
+        epilog="example:\n"
+               "  onnxforge export-layout --artifact artifacts/sd-tiny/int8 --out sd-tiny-int8-optimum\n"
+               "  python -c 'from optimum.onnxruntime import ORTStableDiffusionPipeline as P; "
+               "P.from_pretrained(\"sd-tiny-int8-optimum\")'")
+    el.add_argument("--artifact", required=True, help="variant folder (newest version) or version folder")
+    el.add_argument("--out", required=True, help="the folder to write (new, or empty)")
+    el.set_defaults(func=_export_layout)
 
     from .demo_cli import add_parser as add_demo_parser
 

@@ -30,4 +30,10 @@ class Family:
     # Packages whose versions change this family's outputs: part of every stage digest.
     toolchain: tuple[str, ...] = ()
     description: str = ""  # what its artifacts are, e.g. "GPT-2 text generator" (one-line errors, reports)
+    # `onnxforge export-layout`: fn(verified Artifact, out folder) -> summary dict, writing the artifact in the folder
+    # layout another toolkit's loader reads (SD: optimum's ORTStableDiffusionPipeline), or None.
+    export_layout: Callable[[Any, Path], dict] | None = None
+    # Without export_layout: how its artifacts load elsewhere, if they do ({dir}: the version folder), for the
+    # command's one-line refusal.
+    layout_note: str = ""
     extra: dict = field(default_factory=dict)

@@ -127,16 +127,21 @@ def _kind(kind: str | None) -> tuple[str, str | None]:
     return (f"a {fam.description}", f"onnxforge {fam.command}") if fam else (f"of runtime kind {kind!r}", None)
 
 
+def describe(version_dir: Path, manifest: dict) -> str:
+    """'<folder> is a GPT-2 text generator (recipe gpt2-tiny, variant kv, family gpt2)': for one-line errors."""
+    info = manifest.get("artifact") or {}
+    what, _ = _kind((manifest.get("runtime") or {}).get("kind"))
+    return f"{version_dir} is {what} (recipe {info.get('recipe')}, variant {info.get('variant')}, family {info.get('family')})"
+
+
 def check_kind(version_dir: Path, manifest: dict, expect_kind: str) -> None:
     """One line when an artifact is not of the kind a runtime reads: what it is and which command reads it."""
     kind = (manifest.get("runtime") or {}).get("kind")
     if kind == expect_kind:
         return
-    info = manifest.get("artifact") or {}
-    what, command = _kind(kind)
+    _, command = _kind(kind)
     wanted, wanted_command = _kind(expect_kind)
-    it = (f"{version_dir} is {what} (recipe {info.get('recipe')}, variant {info.get('variant')}, "
-          f"family {info.get('family')})")
+    it = describe(version_dir, manifest)
     use = f"; use it with `{command} --artifact {version_dir}`" if command else ""
     raise ArtifactError(f"{it}, but {wanted_command or 'this command'} needs {wanted}{use}")
 

@@ -16,4 +16,6 @@ FAMILY = Family(
     bench=bench,
     toolchain=("torch", "transformers", "tokenizers", "onnxscript"),
     description="GPT-2 text generator",
+    layout_note='optimum opens it as it is: ORTModelForCausalLM.from_pretrained("{dir}") (base: add use_cache=False; '
+                'pruned: not at all, see the README)',
 )

@@ -3,7 +3,7 @@ int8 per submodule. submodules.py is the table every stage reads; one module per
 
 from ...store import publish_stage
 from ..family import Family
-from . import bench, calibrate, export, plan, quantize, source, validate
+from . import bench, calibrate, export, layout, plan, quantize, source, validate
 from .recipe import SdRecipe
 
 FAMILY = Family(
@@ -17,4 +17,5 @@ FAMILY = Family(
     bench=bench,
     toolchain=("torch", "transformers", "diffusers", "tokenizers"),
     description="Stable Diffusion pipeline",
+    export_layout=layout.export_layout,
 )
