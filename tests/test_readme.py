@@ -1,9 +1,10 @@
 """Every README example runs as written after the two set-up commands (issue 10, items 7 and 8).
 
 The README's indented command lines that start with `onnxforge` run in order in a folder whose
-`artifacts/` holds the default (tiny) builds, as after `make demo`; then its Python block. A line says
+`artifacts/` holds the default (tiny) builds, as after `make demo`; then its Python blocks. A line says
 when it cannot run on the defaults: `# needs recipe NAME` (a full-size or real-weights recipe),
-`# interactive`, or a `<placeholder>` the user fills in. Anything else must exit 0.
+`# interactive`, or a `<placeholder>` the user fills in. Anything else must exit 0, and so must every Python
+block.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ def runnable(cmd: str) -> bool:
     return not SKIP.search(cmd)
 
 
-def python_block() -> str:
-    text = (REPO / "README.md").read_text()
-    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
 
 
 def test_the_readme_says_what_each_skipped_example_needs():
@@ -66,5 +66,8 @@ def test_readme_examples_run_as_written_on_the_default_artifacts(demo_artifacts,
         if proc.returncode != 0:
             failures.append(f"{cmd}\n  -> exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
     assert not failures, "README examples that fail on the defaults:\n" + "\n".join(failures)
-    proc = subprocess.run([sys.executable, "-c", python_block()], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    blocks = python_blocks()  # in order, after the commands (a block may read what a command wrote)
+    assert len(blocks) >= 3
+    for block in blocks:
+        proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{block}\n-> {proc.stderr[-2000:]}"

@@ -370,7 +370,10 @@ def _export_layout(args) -> int:
         able = " and ".join(f.description for f in FAMILIES.values() if f.export_layout is not None) or "no"
         note = f"; {family.layout_note.format(dir=a.dir)}" if family is not None and family.layout_note else ""
         raise ArtifactError(f"{describe(a.dir, a.manifest)}: export-layout writes {able} artifacts only{note}")
-    result = family.export_layout(a, out)
+    try:
+        result = family.export_layout(a, out)
+    except OSError as exc:  # e.g. a read-only place; nothing half-written stays (the layout is built beside it)
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror}); choose another folder") from None
     copied = f", {result['copied_bytes'] / 2**20:.1f} MiB copied (another file system)" if result["copied_bytes"] else ""
     print(f"wrote {result['folder']}: {result['files']} files linked to {a.dir}{copied}"
           + (f"; left out: {', '.join(result['left_out'])}" if result.get("left_out") else ""))

@@ -5,6 +5,9 @@ Variants:
     kv       one merged decoder with past key/values (an empty past for the prompt)
     pruned   attention heads and MLP channels removed at a recipe-set ratio, with cache
     kv-int8  the kv decoder with onnxruntime dynamic int8 MatMuls
+
+Each artifact also carries the config, generation config and tokenizer files transformers reads (HF_FILES), so
+optimum's ORTModelForCausalLM opens its version folder as it is (the graphs use optimum's IO names).
 """
 
 from __future__ import annotations
