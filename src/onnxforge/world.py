@@ -51,8 +51,12 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        things = " and ".join(f"a {s.colour} {s.shape}" for s in self.shapes)
-        return f"{things} on a {self.background} background"
+        things = " and ".join(f"{_a(s.colour)} {s.colour} {s.shape}" for s in self.shapes)
+        return f"{things} on {_a(self.background)} {self.background} background"
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 @dataclass(frozen=True)
