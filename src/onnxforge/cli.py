@@ -47,10 +47,11 @@ def _output_file(value: str, flag: str = "--out", what: str = "the picture") -> 
 def _generate(args) -> int:
     from .runtime.text import SamplingSettings, TextGenerator
 
-    settings = SamplingSettings(max_new_tokens=args.max_tokens, greedy=args.greedy, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                seed=args.seed, stop=tuple(args.stop))
     gen = TextGenerator(args.artifact, threads=args.threads)
+    penalty = gen.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty
+    settings = SamplingSettings(max_new_tokens=args.max_tokens, greedy=args.greedy, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, repetition_penalty=penalty,
+                                seed=args.seed, stop=tuple(args.stop))
     result = gen.generate(" ".join(args.word), settings, use_template=not args.raw)
     if args.json:
         print(json.dumps({"prompt": result.prompt, "text": result.text, "tokens": len(result.token_ids),
@@ -418,7 +419,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default 0.8)")
     g.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default 50)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95)")
-    g.add_argument("--repetition-penalty", type=float, default=1.2, help="penalty for repeated tokens, 1 = off (default 1.2)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty for repeated tokens, 1 = off (default: the artifact's, 1.2 unless its recipe says)")
     g.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
     g.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")

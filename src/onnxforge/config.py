@@ -50,21 +50,43 @@ class RandomSource(Strict):
     train_steps: int = Field(default=0, ge=0, le=100_000)
 
 
+class WorldSpec(Strict):
+    """The pocket world a `train` source learns from (see onnxforge.world): which colours and shapes."""
+
+    colours: tuple[str, ...] | None = None  # None: every colour of the world
+    shapes: tuple[str, ...] | None = None  # None: every shape
+    max_shapes: int = 1
+    size: int = 64  # picture side in pixels
+
+    @model_validator(mode="after")
+    def known_to_the_world(self):
+        self.world()  # raises WorldError (a ValueError: reported as a recipe error in one line)
+        return self
+
+    def world(self):
+        from .world import WorldConfig
+
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        return WorldConfig(**given)
+
+
 class Source(Strict):
+    """Exactly one of the source kinds; a family's recipe may add kinds (e.g. `train`)."""
+
     hub: HubSource | None = None
     path: str | None = None
     random: RandomSource | None = None
 
     @model_validator(mode="after")
     def exactly_one(self):
-        given = [k for k in ("hub", "path", "random") if getattr(self, k) is not None]
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, path, random (got {given or 'none'})")
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {given or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("hub", "path", "random") if getattr(self, k) is not None)
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
 
 
 # ---- what every family's recipe has; the rest is the family's (families/<name>/recipe.py) ----

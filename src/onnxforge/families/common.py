@@ -50,7 +50,7 @@ def publish_spec(spec, variant: str, validate: StageSpec, runtime_defaults: dict
 class SourceParams(StageParams):
     """Where the weights come from (one of the recipe's hub / path / random); families add their own keys."""
 
-    kind: Literal["random", "hub", "path"]
+    kind: Literal["random", "hub", "path", "train"]
     config: dict | None = None  # random: the model config (a named config resolved)
     seed: int | None = None
     repo: str | None = None  # hub
@@ -73,10 +73,10 @@ def fail_on(checks: list, results: dict) -> None:
 def source_params(recipe: Recipe, project_dir: Path) -> dict:
     """The source's identity for the digest; a random source adds its family's own keys."""
     src = recipe.body.source
-    if src.kind == "random":
-        r = src.random
+    if src.kind in ("random", "train"):
+        r = getattr(src, src.kind)
         config = r.config if isinstance(r.config, dict) else resolve_named_config(r.config, Path(recipe.path).parent)
-        return {"kind": "random", "config": config, "seed": r.seed}
+        return {"kind": src.kind, "config": config, "seed": r.seed}
     if src.kind == "hub":
         return {"kind": "hub", "repo": src.hub.repo, "revision": src.hub.revision}
     folder = Path(src.path) if Path(src.path).is_absolute() else project_dir / src.path

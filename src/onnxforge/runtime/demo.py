@@ -380,7 +380,8 @@ class Demo:
         started = time.perf_counter()
         gen = self._use("text")
         seed = self.record["seed"] if seed is None else seed
-        result = gen.generate(word.strip(), SamplingSettings(seed=seed, max_new_tokens=max_new_tokens, stop=("\n",)))
+        result = gen.generate(word.strip(), SamplingSettings(seed=seed, max_new_tokens=max_new_tokens, stop=("\n",),
+                                                             repetition_penalty=gen.repetition_penalty))
         text = " ".join(result.text.split())
         self.record.update(word=word.strip(), prompt_source="gpt2", prompt_seed=int(seed))
         self._set_prompt(text)

@@ -165,6 +165,9 @@ class TextGenerator:
         self.tokenizer = Tokenizer.from_file(str(self.artifact.dir / rt["tokenizer"]))
         self.eos_id = rt["eos_token_id"]
         self.template = rt["prompt_template"]
+        # Recipe defaults (runtime section), read with the old defaults for artifacts that predate them.
+        self.repetition_penalty = float(rt.get("repetition_penalty", 1.2))
+        self.prompt_includes_template = bool(rt.get("prompt_includes_template", True))
         self.lm = CausalLM(self.artifact.session("decoder", threads=threads), rt["context_length"])
 
     def template_prompt(self, word: str) -> str:
@@ -195,7 +198,8 @@ class TextGenerator:
         ends = list(_SENTENCE_END.finditer(completion))
         if ends:
             completion = completion[:ends[-1].end()]
-        g.text = prompt + completion.rstrip().rstrip(",;:").rstrip()
+        completion = completion.rstrip().rstrip(",;:").rstrip()
+        g.text = prompt + completion if self.prompt_includes_template else completion.strip()
         if len(prompt.split()) >= max_words:
             g.notes.append(f"the prompt template and word already use {len(prompt.split())} of the {max_words} words "
                            "a creative prompt may have: nothing was added")

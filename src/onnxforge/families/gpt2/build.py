@@ -35,6 +35,8 @@ TOKENIZER = "tokenizer.json"
 # opens an artifact as it is (README "Use the artifacts elsewhere"); published and hashed like every file.
 HF_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
 RUNTIME_KIND = "causal-lm"
+# How a pocket-world line begins (train sources): the pocket recipe's runtime prompt_template is the same.
+WORLD_PROMPT = "draw {word}:"
 
 
 BUILDER_DIGEST = builder_digest(__file__, "runtime/text.py")
@@ -48,8 +50,10 @@ CHECKS = {"base": ("parity",), "kv": ("parity", "cache"), "pruned": ("parity", "
 
 
 class Gpt2SourceParams(SourceParams):
-    train_steps: int = 0  # random: a short training on the tokenizer corpus
+    train_steps: int = 0  # random: a short training on the tokenizer corpus; train: the whole training
     tokenizer: dict | None = None  # random: the trained BPE's settings and its corpus digest
+    world: dict | None = None  # train: the pocket world (WorldSpec) and how many lines to learn from
+    learning_rate: float | None = None  # train: the one-cycle schedule's peak
 
 
 class PruneParams(StageParams):
@@ -71,7 +75,7 @@ class QuantizeParams(StageParams):
 
 
 class ValidateParams(StageParams):
-    checks: tuple[Literal["parity", "cache", "perplexity", "vs_fp32"], ...]
+    checks: tuple[Literal["parity", "cache", "perplexity", "vs_fp32", "world_captions"], ...]
     logits_atol: float
     greedy_tokens: int
     greedy_prompt: str
@@ -81,6 +85,9 @@ class ValidateParams(StageParams):
     max_perplexity_ratio: float | None = None  # perplexity
     min_top1_agreement: float | None = None  # vs_fp32
     min_logit_cosine: float | None = None  # vs_fp32
+    world: dict | None = None  # world_captions: the world the source was trained on
+    world_samples_per_word: int = 4
+    min_world_caption_score: float | None = None
 
 
 
@@ -88,21 +95,30 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     """The publishing stage of each variant; each links to its upstream stages."""
     body: Gpt2Recipe = recipe.body
     src = body.source
-    extra = {}
+    extra, world_check = {}, {}
     if src.kind == "random":
         corpus = project_dir / src.random.tokenizer.train_on
         extra = {"train_steps": src.random.train_steps,
                  "tokenizer": {**src.random.tokenizer.model_dump(), "corpus_sha256": sha256_or_missing(corpus)}}
+    elif src.kind == "train":
+        t = src.train
+        world = {**t.world.model_dump(), "examples": t.examples}
+        extra = {"train_steps": t.steps, "tokenizer": {"vocab_size": t.vocab_size}, "world": world,
+                 "learning_rate": t.learning_rate}
+        # Parity, perplexity and int8 agreement are measured on held-out world lines (the next seed).
+        world_check = {"world": {**world, "eval_seed": t.seed + 1}, "world_samples_per_word": body.validate_.world_samples_per_word,
+                       "min_world_caption_score": body.validate_.min_world_caption_score}
     spec = spec_factory(recipe, BUILDER_DIGEST)
     source = spec("source", None, Gpt2SourceParams(**source_params(recipe, project_dir), **extra), [],
                   doc=f"load {src.kind} weights and tokenizer")
-    validate_common = {**body.validate_.model_dump(),
-                       "eval_text_sha256": sha256_or_missing(project_dir / body.validate_.eval_text)}
+    validate_common = {**body.validate_.model_dump(exclude={"world_samples_per_word", "min_world_caption_score"}),
+                       "eval_text_sha256": sha256_or_missing(project_dir / body.validate_.eval_text), **world_check}
     opset = body.export.opset
     kv_export = spec("export", "kv", ExportParams(opset=opset, with_past=True), [source], doc="export decoder with KV cache")
     validates: dict[str, StageSpec] = {}
     for name, cfg in body.variants.enabled().items():
-        checks = CHECKS[name]
+        # A model trained on the pocket world is also held to the world's caption oracle.
+        checks = CHECKS[name] + (("world_captions",) if world_check else ())
         if name == "base":
             export = spec("export", name, ExportParams(opset=opset, with_past=False), [source],
                           doc="export decoder without cache")
@@ -188,6 +204,40 @@ def train_briefly(model, token_ids: list[int], steps: int, seed: int, window: in
     return loss.item()
 
 
+def train_on_lines(model, lines: list[list[int]], steps: int, seed: int, pad_id: int, lr: float,
+                   batch: int = 32) -> float:
+    """Train on whole lines (each one example, padded, padding left out of the loss), with a one-cycle
+    learning rate. Line-aligned batches put the word at the same place in every example, so the model
+    learns to use it several times faster than from windows cut anywhere in the text (measured on the pocket
+    world: 0.96 of captions right after 2000 steps against 0.92 after 2500)."""
+    import torch
+    from tqdm import tqdm
+
+    width = max(map(len, lines))
+    ids = torch.full((len(lines), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(lines), width), -100, dtype=torch.long)
+    for row, line in enumerate(lines):
+        ids[row, :len(line)] = labels[row, :len(line)] = torch.tensor(line)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as train_briefly: the same floats on any machine
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in tqdm(range(steps), desc="train pocket model", unit="step", leave=False, disable=None):
+            pick = torch.randint(0, len(lines), (batch,), generator=gen)
+            loss = model(input_ids=ids[pick], labels=labels[pick]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    return loss.item()
+
+
 def save_tokenizer(model_dir: Path, out_file: Path) -> None:
     """Copy the repo's tokenizer.json, or build one from vocab.json + merges.txt."""
     if (model_dir / TOKENIZER).is_file():
@@ -223,10 +273,40 @@ def save_hf_files(model_dir: Path, out: Path) -> None:
             shutil.copyfile(Path(scratch) / name, out / name)
 
 
+def world_lines(world: dict, seed: int) -> list[str]:
+    """The pocket GPT-2's training text: `word: caption` lines, the word a colour or shape of the caption."""
+    from ...world import WorldConfig, dataset
+
+    spec = {k: v for k, v in world.items() if k not in ("examples", "eval_seed") and v is not None}
+    rng = np.random.default_rng(seed)
+    lines = []
+    for scene, _, _ in dataset(WorldConfig(**spec), seed, world["examples"]):
+        shape = scene.shapes[int(rng.integers(len(scene.shapes)))]
+        word = shape.colour if rng.random() < 0.5 else shape.shape
+        lines.append(WORLD_PROMPT.format(word=word) + f" {scene.caption}{EOS}")
+    return lines
+
+
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     p = spec.params
     recorded: dict = {}
-    if p.kind == "random":
+    if p.kind == "train":
+        # The corpus is a pure function of the world and the seed: written beside the model for the record.
+        corpus = out / "world-corpus.txt"
+        out.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("\n".join(world_lines(p.world, p.seed)) + "\n")
+        tok = train_tokenizer(corpus, p.tokenizer["vocab_size"])
+        eos = tok.token_to_id(EOS)
+        config = {**p.config, "vocab_size": tok.get_vocab_size(), "bos_token_id": eos, "eos_token_id": eos}
+        model = random_gpt2(config, p.seed)
+        lines = [tok.encode(line).ids for line in corpus.read_text().splitlines()]
+        recorded["train_loss"] = round(train_on_lines(model, lines, p.train_steps, p.seed, eos, p.learning_rate), 4)
+        model_dir = out / "model"
+        model.save_pretrained(model_dir)
+        tok.save(str(model_dir / TOKENIZER))
+        source = {"kind": "train", "seed": p.seed, "config": config, "steps": p.train_steps, "world": p.world}
+        rel = "model"
+    elif p.kind == "random":
         tok_cfg = p.tokenizer
         corpus = ctx.project_dir / tok_cfg["train_on"]
         tok = train_tokenizer(corpus, tok_cfg["vocab_size"])
@@ -552,7 +632,11 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     context = config["n_positions"]
     lm = CausalLM(make_session(out / "model.onnx"), context)
     window = min(p.eval_window, context)
-    eval_ids = _eval_ids(tokenizer, ctx.project_dir / p.eval_text, 8 * window)
+    if p.world:
+        held_out = "\n".join(world_lines(p.world, p.world["eval_seed"]))
+        eval_ids = tokenizer.encode(held_out).ids[:8 * window]
+    else:
+        eval_ids = _eval_ids(tokenizer, ctx.project_dir / p.eval_text, 8 * window)
     prompt_ids = tokenizer.encode(p.greedy_prompt).ids
     n = min(p.greedy_tokens, context - len(prompt_ids))
     checks: list[dict] = []
@@ -598,6 +682,13 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             limit = p.max_perplexity_ratio
             record_check(checks, "perplexity ratio pruned/unpruned", round(ratio, 4), limit, limit is None or ratio <= limit)
 
+    if "world_captions" in checks_to_run:
+        score, samples = world_caption_score(lm, tokenizer, config.get("eos_token_id"), p.world, p.world_samples_per_word)
+        results["world_captions"] = {"score": round(score, 4), "samples": samples[:12], "count": len(samples)}
+        limit = p.min_world_caption_score
+        record_check(checks, "world captions that parse and mention the word", round(score, 4), limit,
+                     limit is None or score >= limit)
+
     results["checks_run"] = sorted(checks_to_run)
     fail_on(checks, results)
     runtime = {  # facts of the model; the recipe's runtime defaults are added when publishing
@@ -609,6 +700,40 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         "has_past": lm.has_past,
     }
     return {"components": {"decoder": "model.onnx"}, "validation": results, "runtime": runtime}
+
+
+def world_caption_score(lm: CausalLM, tokenizer, eos_id: int, world: dict, per_word: int) -> tuple[float, list]:
+    """The pocket-world oracle: for every colour and shape word, `per_word` sampled captions (seeds 0..n-1,
+    sampled as the runtime does); the fraction that parse in the world's grammar and mention the word."""
+    from ...runtime.text import SamplingSettings, pick_token
+    from ...world import COLOURS, SHAPES, caption_mentions, parse_caption
+
+    words = list(world.get("colours") or COLOURS) + list(world.get("shapes") or SHAPES)
+    # The runtime's default sampling without the repetition penalty (the pocket recipe's runtime setting:
+    # a caption repeats its word).
+    settings = SamplingSettings(max_new_tokens=40, repetition_penalty=1.0)
+    samples, good = [], 0
+    for word in words:
+        prompt = tokenizer.encode(WORLD_PROMPT.format(word=word)).ids
+        for seed in range(per_word):
+            rng, out = np.random.default_rng(seed), []
+            stream = lm.decode(prompt)
+            logits = next(stream)
+            while len(out) < settings.max_new_tokens:
+                token = pick_token(logits, prompt + out, settings, rng)
+                if token == eos_id:
+                    break
+                out.append(token)
+                try:
+                    logits = stream.send(token)
+                except StopIteration:
+                    break
+            caption = tokenizer.decode(out).strip()
+            scene = parse_caption(caption)
+            ok = scene is not None and caption_mentions(scene, word)
+            good += ok
+            samples.append({"word": word, "caption": caption, "ok": ok})
+    return good / len(samples), samples
 
 
 def _walk(spec: StageSpec):

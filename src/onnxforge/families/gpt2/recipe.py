@@ -6,8 +6,32 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ...config import RecipeBody, Source, Strict
+from ...config import RecipeBody, Source, Strict, WorldSpec
 
+
+
+class Gpt2TrainSource(Strict):
+    """A small GPT-2 trained here to turn a word of the pocket world into a caption of it ("star:" ->
+    "a red star on a yellow background"), with its own byte-level BPE trained on those lines."""
+
+    config: dict[str, Any] | str  # an inline GPT-2 config or the name of one in recipes/configs/
+    seed: int = Field(ge=0)
+    steps: int = Field(le=100_000, description="optimizer steps")
+    examples: int = Field(default=3000, ge=100, le=100_000, description="word: caption lines to train on")
+    vocab_size: int = Field(default=320, ge=260, le=4096)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="peak of the one-cycle schedule")
+    world: WorldSpec = WorldSpec()
+
+    @model_validator(mode="after")
+    def trains(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps}): a train source with no steps "
+                             "would publish an untrained model")
+        return self
+
+
+class Gpt2Source(Source):
+    train: Gpt2TrainSource | None = None
 
 
 class ExportConfig(Strict):
@@ -20,6 +44,10 @@ class ValidateConfig(Strict):
     greedy_prompt: str = Field(default="The old lighthouse", min_length=1)
     eval_text: str = Field(default="calibration/eval-text.txt")
     eval_window: int = Field(default=128, ge=8)
+    # `train` sources only: the pocket-world oracle samples captions for every colour and shape word and
+    # counts those that parse in the world's grammar and mention the word (onnxforge.world).
+    world_samples_per_word: int = Field(default=4, ge=1, le=100)
+    min_world_caption_score: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class RuntimeConfig(Strict):
@@ -27,6 +55,11 @@ class RuntimeConfig(Strict):
         default="A detailed, imaginative painting of {word},",
         description="must contain {word}",
     )
+    # The sampling default of `generate` and the demo (a flag overrides it). 1 = off: the pocket model's
+    # caption must repeat its word ("star:" -> "a red star ..."), which a penalty on seen tokens fights.
+    repetition_penalty: float = Field(default=1.2, gt=0)
+    # False: the creative prompt is the model's continuation alone ("star:" is the question, not the prompt).
+    prompt_includes_template: bool = True
 
     @model_validator(mode="after")
     def has_word(self):
@@ -82,7 +115,7 @@ class Gpt2Variants(Strict):
 
 class Gpt2Recipe(RecipeBody):
     family: Literal["gpt2"]
-    source: Source
+    source: Gpt2Source
     export: ExportConfig = ExportConfig()
     validate_: ValidateConfig = Field(default=ValidateConfig(), alias="validate")
     runtime: RuntimeConfig = RuntimeConfig()
