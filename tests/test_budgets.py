@@ -41,7 +41,7 @@ def recipe_with(tmp_path: Path, name: str, **changes) -> Path:
 @pytest.mark.parametrize("budgets, match", [
     ({"kv-fast": {"size_mib": 2}}, r"budgets\.kv-fast: no such variant \(this recipe's variants: base, kv, pruned, kv-int8\)"),
     ({"kv": {"ratio": {"decode_speed": {"of": "base", "max": 0.5}}}},
-     r"budgets\.kv\.ratio\.decode_speed: unknown figure; gpt2 figures: size_mib, peak_rss_mib, decode_ms, prefill_ms"),
+     r"budgets\.kv\.ratio\.decode_speed: unknown figure; gpt2 figures: size_mib, peak_rss_mib, float_weight_mib, decode_ms, prefill_ms"),
     ({"kv": {"ceiling": {"latency": {"max": 1, "cpu": "x", "simd": []}}}}, r"budgets\.kv\.ceiling\.latency: unknown figure"),
     ({"kv": {"decode_ms": 3}}, r"budgets\.kv\.decode_ms: unknown key; allowed: size_mib, peak_rss_mib, ratio, ceiling"),
     ({"kv": {"size_mib": 0}}, r"budgets\.kv\.size_mib: Input should be greater than 0 \(got 0\)"),
@@ -62,7 +62,7 @@ def test_bad_budget_is_one_line_naming_file_and_key(tmp_path, budgets, match):
 
 def test_sd_figures_are_the_sd_familys(tmp_path):
     path = recipe_with(tmp_path, "sd-tiny", budgets={"int8": {"ratio": {"decode_ms": {"of": "fp32", "max": 1}}}})
-    with pytest.raises(RecipeError, match=r"int8\.ratio\.decode_ms: unknown figure; sd figures: size_mib, peak_rss_mib, unet_step_ms"):
+    with pytest.raises(RecipeError, match=r"int8\.ratio\.decode_ms: unknown figure; sd figures: size_mib, peak_rss_mib, float_weight_mib, unet_step_ms"):
         load_recipe(path)
 
 
@@ -72,6 +72,10 @@ def test_check_before_anything_is_built_names_the_doit_command(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (f"onnxforge check: error: nothing of gpt2-tiny is built under {project.artifacts}: "
                                    "run `doit build recipes=gpt2-tiny` first")
+    proc = project.doit("check", check=False)
+    assert proc.returncode != 0
+    assert (f"check:gpt2-tiny: nothing of gpt2-tiny is built under {project.artifacts}: run `doit build "
+            "recipes=gpt2-tiny` first") in proc.stdout + proc.stderr
 
 
 def test_ratio_whose_reference_is_not_built_says_so(tiny, tmp_path):

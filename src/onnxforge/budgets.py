@@ -101,10 +101,14 @@ def check_recipe(recipe: Recipe, artifacts: Path, reps: int = DEFAULT_REPS, thre
                 raise CheckError(f"{recipe.name}/{v}: budget {fig} is a ratio to {r.of}, which is not built under "
                                  f"{artifacts}: run `{build_cmd}`")
 
-    # What each measured variant needs: its own figures, plus the figures others compare to it.
+    # What each measured variant needs: its own figures, plus the figures others compare to it; a ceiling set
+    # on another machine class is skipped, so it measures nothing.
+    mach = machine(threads)
     needs: dict[str, set[str]] = {}
     for v, b in budgets.items():
-        needs.setdefault(v, set()).update(b.figures())
+        skipped = {f for f, c in b.ceiling.items() if not _same_class(c, mach)} - set(b.ratio) - {
+            f for f in ("size_mib", "peak_rss_mib") if getattr(b, f) is not None}
+        needs.setdefault(v, set()).update(b.figures() - skipped)
         for fig, r in b.ratio.items():
             needs.setdefault(r.of, set()).add(fig)
     loaded = {v: art.load(built[v], check_hashes=False) for v in needs}
@@ -120,13 +124,15 @@ def check_recipe(recipe: Recipe, artifacts: Path, reps: int = DEFAULT_REPS, thre
     per_rep: dict[str, list[dict]] = {v: [] for v in needs}
     for _ in range(reps):
         for v in needs:
-            done = [(job, run_child(job)) for job in jobs[v]]
+            try:
+                done = [(job, run_child(job)) for job in jobs[v]]
+            except RuntimeError as exc:  # the workload itself failed on this artifact: one line, exit non-zero
+                raise CheckError(f"{recipe.name}/{v}: {exc}") from None
             figures = bench.check_figures(loaded[v].manifest, done)
             rss = [r["peak_rss_mib"] for _, r in done if "peak_rss_mib" in r]
             if rss:
                 figures["peak_rss_mib"] = max(rss)
             per_rep[v].append(figures)
-    mach = machine(threads)
 
     def measured(v: str, fig: str) -> float:
         if fig == "size_mib":
