@@ -25,11 +25,11 @@ from conftest import REPO, new_project, run_cli
 REPS = 3  # interleaved repetitions, as `doit check` in CI
 
 
-def recipe_with(tmp_path: Path, name: str, **changes) -> Path:
-    """The shipped recipe `name` with top-level keys replaced, written as <tmp>/recipes/<name>.yaml."""
+def recipe_with(tmp_path: Path, name: str, save_as: str | None = None, **changes) -> Path:
+    """The shipped recipe `name` with top-level keys replaced, written as <tmp>/recipes/<save_as or name>.yaml."""
     body = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     body.update(changes)
-    path = tmp_path / "recipes" / f"{name}.yaml"
+    path = tmp_path / "recipes" / f"{save_as or name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
@@ -191,22 +191,25 @@ def unet_at_batch(fp32: Path, out: Path, batch: int) -> Path:
     return version
 
 
-FAST = {"ratio": {"unet_batch": {"of": "fp32", "max": 0.5}, "unet_step_ms": {"of": "fp32", "max": 0.75}}}
+FAST = {"ratio": {"unet_batch": {"of": "sd-tiny/fp32", "max": 0.5}, "unet_step_ms": {"of": "sd-tiny/fp32", "max": 0.8}}}
 
 
 @pytest.mark.parametrize("batch, caught", [(1, False), (2, True)])
 def test_fast_path_unet_exported_at_batch_2_is_caught(sd_tiny, tmp_path, batch, caught):
-    # A fast-path variant (one UNet pass per step, as LCM at guidance 1) beside the CFG fp32 variant (batch 2
-    # per step at the recipe's guidance 7.5): its graph at batch 1 passes, the same graph exported at batch 2 not.
-    recipes = yaml.safe_load((sd_tiny.recipes / "sd-tiny.yaml").read_text())
-    path = recipe_with(tmp_path, "sd-tiny", variants={**recipes["variants"], "fast": {}}, budgets={"fast": FAST})
+    # A fast-path recipe (one UNet pass per step, as LCM's one-pass guidance: its own recipe on branch lcm) whose
+    # budget compares its UNet step with sd-tiny's CFG fp32 step (batch 2 at guidance 7.5) at the same size:
+    # its graph at batch 1 passes, the same graph exported at batch 2 breaks both figures.
+    path = recipe_with(tmp_path, "sd-tiny", save_as="sd-tiny-fast", variants={"fast": {}}, budgets={"fast": FAST})
+    root = mixed_root(tmp_path, sd_tiny, "sd-tiny", {})
     fast = unet_at_batch(sd_tiny.variant("fp32", "sd-tiny"), tmp_path / "fast", batch)
-    root = mixed_root(tmp_path, sd_tiny, "sd-tiny", {"fast": fast})
-    report = check_recipe(load_recipe(path), root, reps=REPS, variants=["fast"], out_dir=tmp_path / "report")
+    (root / "sd-tiny-fast" / "fast").mkdir(parents=True)
+    (root / "sd-tiny-fast" / "fast" / fast.name).symlink_to(fast, target_is_directory=True)
+    (root / "sd-tiny-fast" / "fast" / art.LATEST).write_text(fast.name)
+    report = check_recipe(load_recipe(path), root, reps=REPS, out_dir=tmp_path / "report")
     broken = broken_lines(report)
     if caught:
-        assert any(line.startswith("sd-tiny/fast: unet_batch / fp32 1 ") for line in broken), broken
-        assert any(line.startswith("sd-tiny/fast: unet_step_ms / fp32 ") for line in broken), broken
+        assert any(line.startswith("sd-tiny-fast/fast: unet_batch / sd-tiny/fp32 1 ") for line in broken), broken
+        assert any(line.startswith("sd-tiny-fast/fast: unet_step_ms / sd-tiny/fp32 ") for line in broken), broken
     else:
         assert broken == [], report["budgets"]
 

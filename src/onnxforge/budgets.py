@@ -97,9 +97,12 @@ def check_recipe(recipe: Recipe, artifacts: Path, reps: int = DEFAULT_REPS, thre
         if built[v] is None:
             raise CheckError(f"{recipe.name}/{v} has budgets but is not built under {artifacts}: run `{build_cmd}`")
         for fig, r in b.ratio.items():
+            if "/" in r.of:  # another recipe's variant
+                built.setdefault(r.of, _built(artifacts, *r.of.split("/", 1)))
             if built[r.of] is None:
+                other = r.of.split("/", 1)[0] if "/" in r.of else recipe.name
                 raise CheckError(f"{recipe.name}/{v}: budget {fig} is a ratio to {r.of}, which is not built under "
-                                 f"{artifacts}: run `{build_cmd}`")
+                                 f"{artifacts}: run `doit build recipes={other}`")
 
     # What each measured variant needs: its own figures, plus the figures others compare to it; a ceiling set
     # on another machine class is skipped, so it measures nothing.
@@ -112,7 +115,10 @@ def check_recipe(recipe: Recipe, artifacts: Path, reps: int = DEFAULT_REPS, thre
         for fig, r in b.ratio.items():
             needs.setdefault(r.of, set()).add(fig)
     loaded = {v: art.load(built[v], check_hashes=False) for v in needs}
-    fam = family_of(next(iter(loaded.values())).manifest, built[next(iter(loaded))])
+    families = {family_of(a.manifest, a.dir).name: family_of(a.manifest, a.dir) for a in loaded.values()}
+    if len(families) != 1:
+        raise CheckError(f"{recipe.name}: a ratio compares artifacts of one family (got {', '.join(sorted(families))})")
+    fam = next(iter(families.values()))
     bench = fam.bench
     jobs = {v: [{**job, "family": fam.name, "path": str(a.dir), "threads": threads}
                 for job in bench.check_jobs(a.manifest, needs[v] - set(STATIC))]

@@ -79,6 +79,8 @@ SHARED_FIGURES = {
 
 
 class Ratio(Strict):
+    # A variant of this recipe, or `<recipe>/<variant>` of another recipe of the same family (e.g. a fast-path
+    # recipe's UNet against sd-tiny/fp32's CFG UNet): either way measured in the same run.
     of: str = Field(min_length=1, description="the reference variant, measured in the same run")
     max: float = Field(gt=0)
 
@@ -120,6 +122,8 @@ def validate_budgets(budgets: dict[str, VariantBudget], variants: list[str], fam
                 if fig not in figures:
                     raise ValueError(f"budgets.{name}.{kind}.{fig}: unknown figure; {family} figures: {', '.join(figures)}")
         for fig, r in b.ratio.items():
+            if "/" in r.of:  # another recipe's variant: whether it is built is the check's to say
+                continue
             if r.of not in variants:
                 raise ValueError(f"budgets.{name}.ratio.{fig}.of: no such variant {r.of!r} "
                                  f"(this recipe's variants: {', '.join(variants)})")

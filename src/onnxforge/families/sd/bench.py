@@ -177,7 +177,8 @@ def describe(b: dict) -> str:
 FIGURES = {
     "unet_step_ms": "median ms of one denoising step's UNet call at the batch the variant runs per step (unet_batch)",
     "unet_batch": "latent images the UNet computes per denoising step of one picture: the graph's fixed batch, "
-                  "else 2 under classifier-free guidance (the manifest's guidance_scale > 1), else 1",
+                  "else the manifest's runtime unet_batch (one-pass artifacts), else 2 under classifier-free "
+                  "guidance (the manifest's guidance_scale > 1), else 1",
     "text_encoder_ms": "median ms of the text encoder at the batch guidance needs",
     "vae_decoder_ms": "median ms of the VAE decoder, one picture",
 }
@@ -191,6 +192,8 @@ def step_batch(manifest: dict) -> int:
     sample = next(i for i in manifest["components"]["unet"]["inputs"] if i["name"] == "sample")
     if isinstance(sample["shape"][0], int):
         return sample["shape"][0]
+    if "unet_batch" in manifest["runtime"]:  # a one-pass (LCM) artifact says so (branch lcm, issue 12)
+        return int(manifest["runtime"]["unet_batch"])
     return 2 if manifest["runtime"]["guidance_scale"] > 1 else 1
 
 
