@@ -2,8 +2,9 @@
 
 Each regression is made from the session's tiny builds (the shipped recipes, budgets included) the way it would
 arrive in a change, then `check_recipe` runs on an artifacts root where that one variant is replaced: the
-unchanged variants are links to the real builds, so nothing is built twice. Each check also runs the same
-budgets on the unchanged build, so a test that could only fail cannot pass by accident.
+unchanged variants are links to the real builds, so nothing is built twice. The unchanged build passes the same
+budgets (test_check_on_an_unchanged_build_passes_and_writes_its_report; the batch-1 case of the fast-path test),
+so a test that could only fail cannot pass by accident.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnxforge.runtime import artifact as art
 
 from conftest import REPO, new_project, run_cli
 
-REPS = 3  # interleaved repetitions, as `doit check` in CI
+REPS = 3  # interleaved repetitions, as `doit check` in CI (the fast-path latency ratio misses by ~1.6x, not 2x)
 
 
 def recipe_with(tmp_path: Path, name: str, save_as: str | None = None, **changes) -> Path:
@@ -118,12 +119,12 @@ def mixed_root(tmp_path: Path, project, recipe: str, replaced: dict[str, Path]) 
 
 
 def broken_by(tmp_path, project, recipe: str, variant: str, regressed: Path) -> list[str]:
-    """Budget lines of `variant` broken with it replaced by `regressed`; the unchanged build must pass them."""
+    """Budget lines of `variant` broken with it replaced by `regressed` (the unchanged build passes every budget:
+    test_check_on_an_unchanged_build_passes_and_writes_its_report). These regressions miss their budgets by 2x or
+    more, so two repetitions do."""
     r = load_recipe(project.recipes / f"{recipe}.yaml")
-    clean = check_recipe(r, project.artifacts, reps=REPS, variants=[variant], out_dir=tmp_path / "clean")
-    assert broken_lines(clean) == [], "the unchanged build must pass the budgets this test relies on"
     root = mixed_root(tmp_path, project, recipe, {variant: regressed})
-    return broken_lines(check_recipe(r, root, reps=REPS, variants=[variant], out_dir=tmp_path / "regressed"))
+    return broken_lines(check_recipe(r, root, reps=2, variants=[variant], out_dir=tmp_path / "regressed"))
 
 
 def rehash(version: Path, changed: str) -> None:
