@@ -2,13 +2,14 @@
 #   make demo   install, build the offline default artifacts, run the scripted demo end to end
 #               (word -> prompt -> picture -> object -> mask -> edit; files under runs/)
 #   make test   install, run the test suite
+#   make check  build the default (tiny) artifacts, check them against their recipes' budgets (CI runs it after test)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORD ?= lighthouse
 EDIT ?= make it red
 PICK ?= 1
 
-.PHONY: setup demo build test bench-medium bench-sam-base bench-sd-random clean
+.PHONY: setup demo build test check bench-medium bench-sam-base bench-sd-random clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ demo: build
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+check: build
+	$(VENV)/bin/doit check
 
 # By hand, not in CI: gpt2-medium architecture with random weights (~6 GB; ~11 min build, ~40 min bench on 2 cores).
 bench-medium: setup

@@ -4,6 +4,8 @@
     doit build recipes=gpt2-medium   named recipes (comma-separated)
     doit validate:gpt2-tiny-kv       one artifact, with what it needs
     doit bench:gpt2-tiny             benchmark a recipe's variants (not part of build)
+    doit check                       check what is built of the default recipes against their budgets
+    doit check recipes=a reps=5      named recipes, more interleaved repetitions (builds nothing)
 
 A broken recipe is reported in one line and left out; the others still build. Naming it fails.
 """
@@ -15,7 +17,7 @@ from doit import get_var
 
 from onnxforge.config import load_recipes
 from onnxforge.store import StageContext
-from onnxforge.tasks import bench_task, plan_all, project_paths, publish_task_names, stage_tasks
+from onnxforge.tasks import bench_task, check_task, plan_all, project_paths, publish_task_names, stage_tasks
 
 PROJECT, RECIPES, ARTIFACTS = project_paths()
 DOIT_CONFIG = {
@@ -62,3 +64,13 @@ def task_stages():
 def task_bench():
     """Benchmark each recipe's variants (prefill, decode, RSS, size); JSON + PNG."""
     yield from bench_task(_PLANS, _CTX)
+
+
+def task_check():
+    """Check the built default recipes (or `recipes=a,b`) against their budgets: size, memory, latency ratios."""
+    from onnxforge.budgets import DEFAULT_REPS
+
+    reps = get_var("reps", str(DEFAULT_REPS))
+    if not reps.isdigit() or int(reps) < 1:
+        raise SystemExit(f"reps={reps}: give a whole number of interleaved repetitions, 1 or more")
+    yield from check_task(_RECIPES, _selected(), ARTIFACTS, int(reps))

@@ -103,7 +103,7 @@ def test_a_broken_recipe_is_reported_and_the_others_still_build(toy):
 def test_shared_code_never_names_a_family():
     """config, tasks, store, dodo.py, the benchmark harness and the CLI read the registry, never a family name."""
     shared = [REPO / "dodo.py"] + [REPO / "src" / "onnxforge" / f for f in
-                                   ("config.py", "tasks.py", "store.py", "bench.py", "families/common.py")]
+                                   ("config.py", "tasks.py", "store.py", "bench.py", "budgets.py", "families/common.py")]
     from onnxforge.families import FAMILIES
 
     for path in shared:
@@ -116,7 +116,7 @@ def test_shared_code_never_names_a_family():
 @pytest.mark.parametrize("entry", [
     "onnxforge.runtime.text", "onnxforge.runtime.sam", "onnxforge.runtime.sd", "onnxforge.runtime.schedulers",
     "onnxforge.runtime.artifact", "onnxforge.runtime.demo", "onnxforge.runtime.edits", "onnxforge.families",
-    "onnxforge.bench", "onnxforge.cli", "onnxforge.demo_cli",
+    "onnxforge.bench", "onnxforge.budgets", "onnxforge.cli", "onnxforge.demo_cli",
 ])
 def test_runtime_entry_points_never_import_the_build_stack(entry):
     code = (f"import sys, importlib; importlib.import_module({entry!r}); "

@@ -147,7 +147,7 @@ def _bench_targets(args) -> dict[str, Path]:
     if not recipe_dir.is_dir():
         raise ValueError(f"no built recipe {args.recipe!r} under {args.artifacts}: build it first (`doit build recipes={args.recipe}`)")
     return {d.name: resolve(d) for d in sorted(recipe_dir.iterdir())
-            if d.is_dir() and not d.name.startswith(".") and d.name != "bench"}
+            if d.is_dir() and not d.name.startswith(".") and d.name not in ("bench", "check")}
 
 
 def _add_bench_targets(p: argparse.ArgumentParser) -> None:
@@ -168,6 +168,29 @@ def _bench(args) -> int:
     bench_variants(paths, out, settings=given, threads=args.threads)
     print(f"saved {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}; figures recorded in each manifest")
     return 0
+
+
+def _check(args) -> int:
+    """Budgets of the named recipe (or of every default recipe that declares some) on its built variants."""
+    from .budgets import broken_lines, check_recipe
+    from .config import load_recipe, load_recipes
+
+    recipes_dir, artifacts = Path(args.recipes_dir), Path(args.artifacts)
+    if args.recipe:
+        recipes = [load_recipe(recipes_dir / f"{args.recipe}.yaml")]
+    else:
+        recipes = [r for r in load_recipes(recipes_dir).values() if r.body.default and r.body.budgets]
+        if not recipes:
+            raise ValueError(f"no default recipe in {recipes_dir} declares budgets; name one with --recipe")
+    if args.reps < 1:
+        raise ValueError(f"--reps {args.reps}: give 1 or more repetitions")
+    broken = []
+    for recipe in recipes:
+        out = Path(args.out) / recipe.name if args.out and len(recipes) > 1 else (Path(args.out) if args.out else None)
+        broken += broken_lines(check_recipe(recipe, artifacts, reps=args.reps, threads=args.threads, out_dir=out))
+    for line in broken:
+        print(f"onnxforge check: budget broken: {line}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 def _add_bench_settings(p: argparse.ArgumentParser) -> None:
@@ -453,6 +476,32 @@ def parser() -> argparse.ArgumentParser:
         b.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
         b.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/manual)")
         b.set_defaults(func=_bench)
+
+    import os
+
+    from .budgets import DEFAULT_REPS
+
+    ck = sub.add_parser(
+        "check", help="check built artifacts against their recipes' budgets (size, memory, latency ratios)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure what each recipe's `budgets:` name on its built variants (a short fixed workload, "
+                    "repeated and\ninterleaved across variants), print budget, measured, margin and verdict, save "
+                    "check.json and check.md\n(default: artifacts/<recipe>/check/), exit 1 naming each broken "
+                    "budget. Same as `doit check`.",
+        epilog="examples:\n"
+               "  onnxforge check                      # every default recipe with budgets\n"
+               "  onnxforge check --recipe sd-tiny --reps 5\n"
+               "  ONNXFORGE_ARTIFACTS=/data/artifacts onnxforge check --recipe gpt2-medium-random --out report/")
+    ck.add_argument("--recipe", help="recipe name (a file in the recipes folder without .yaml)")
+    ck.add_argument("--recipes-dir", default=os.environ.get("ONNXFORGE_RECIPES", "recipes"),
+                    help="recipes folder (default: $ONNXFORGE_RECIPES or recipes)")
+    ck.add_argument("--artifacts", default=os.environ.get("ONNXFORGE_ARTIFACTS", "artifacts"),
+                    help="artifacts root (default: $ONNXFORGE_ARTIFACTS or artifacts)")
+    ck.add_argument("--reps", type=int, default=DEFAULT_REPS,
+                    help=f"interleaved repetitions of the workload (default {DEFAULT_REPS})")
+    ck.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    ck.add_argument("--out", help="folder for check.json and check.md (default: artifacts/<recipe>/check)")
+    ck.set_defaults(func=_check)
 
     sg = sub.add_parser(
         "segment", help="select an object in a picture with Segment Anything (point, box or numbered candidates)",

@@ -89,6 +89,75 @@ class Source(Strict):
         return next(k for k in type(self).model_fields if getattr(self, k) is not None)
 
 
+# ---- budgets (checked on built artifacts by onnxforge/budgets.py) ----------------------------
+
+
+SHARED_FIGURES = {
+    "size_mib": "MiB on disk of the version folder (every file)",
+    "peak_rss_mib": "peak RSS (MiB) of the check's standard run of the variant",
+    # Structural, so exact: an int8 variant whose graph stayed fp32 keeps every float weight (ratio 1.0 to fp32).
+    "float_weight_mib": "MiB of float (fp32/fp16) weights in the variant's ONNX graphs",
+}
+
+
+class Ratio(Strict):
+    # A variant of this recipe, or `<recipe>/<variant>` of another recipe of the same family (e.g. a fast-path
+    # recipe's UNet against sd-tiny/fp32's CFG UNet): either way measured in the same run.
+    of: str = Field(min_length=1, description="the reference variant, measured in the same run")
+    max: float = Field(gt=0)
+
+
+class Ceiling(Strict):
+    """An absolute ceiling, valid only on the machine class it was set on (as the bench harness records it)."""
+
+    max: float = Field(gt=0)
+    cpu: str = Field(min_length=1, description="/proc/cpuinfo model name")
+    simd: tuple[str, ...] = Field(description="the SIMD flags the bench harness records (avx2, avx512f, ...)")
+
+
+class VariantBudget(Strict):
+    size_mib: float | None = Field(default=None, gt=0)
+    peak_rss_mib: float | None = Field(default=None, gt=0)
+    ratio: dict[str, Ratio] = {}
+    ceiling: dict[str, Ceiling] = {}
+
+    def figures(self) -> set[str]:
+        named = set(self.ratio) | set(self.ceiling)
+        return named | {f for f in ("size_mib", "peak_rss_mib") if getattr(self, f) is not None}
+
+
+def family_figures(family: str) -> dict[str, str]:
+    from .families import FAMILIES
+
+    fam = FAMILIES.get(family)
+    return {**SHARED_FIGURES, **(getattr(fam.bench, "FIGURES", {}) if fam and fam.bench else {})}
+
+
+def validate_budgets(budgets: dict[str, VariantBudget], variants: list[str], family: str) -> None:
+    """Every budget names a variant of the recipe and a figure of its family; a ratio names another variant."""
+    figures = family_figures(family)
+    for name, b in budgets.items():
+        if name not in variants:
+            raise ValueError(f"budgets.{name}: no such variant (this recipe's variants: {', '.join(variants)})")
+        for kind, table in (("ratio", b.ratio), ("ceiling", b.ceiling)):
+            for fig in table:
+                if fig not in figures:
+                    raise ValueError(f"budgets.{name}.{kind}.{fig}: unknown figure; {family} figures: {', '.join(figures)}")
+        for fig, r in b.ratio.items():
+            if "/" in r.of:  # another recipe's variant: whether it is built is the check's to say
+                continue
+            if r.of not in variants:
+                raise ValueError(f"budgets.{name}.ratio.{fig}.of: no such variant {r.of!r} "
+                                 f"(this recipe's variants: {', '.join(variants)})")
+            if r.of == name:
+                raise ValueError(f"budgets.{name}.ratio.{fig}.of: a variant cannot be its own reference")
+
+
+def variant_names(variants) -> list[str]:
+    """The enabled variant names of any family's `variants` (a model with enabled(), or a plain dict)."""
+    return list(variants.enabled() if hasattr(variants, "enabled") else variants)
+
+
 # ---- what every family's recipe has; the rest is the family's (families/<name>/recipe.py) ----
 
 
@@ -99,6 +168,14 @@ class RecipeBody(Strict):
     family: str
     description: str = ""
     default: bool = False  # built by a plain `doit build`
+    # Variant name -> the figures it must stay within (see onnxforge/budgets.py); checked, never built on.
+    budgets: dict[str, VariantBudget] = {}
+
+    @model_validator(mode="after")
+    def budgets_name_known_things(self):
+        if self.budgets:
+            validate_budgets(self.budgets, variant_names(getattr(self, "variants", {})), self.family)
+        return self
 
 
 class Recipe(Strict):
@@ -126,7 +203,11 @@ def _format_error(path: Path, err: dict) -> str:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Walk the model along loc (all but the last part) and list the allowed keys there."""
     current: Any = model
+    keyed = False  # the part before was a dict field: this part is a key of it (a variant name), not a field
     for part in loc[:-1]:
+        if keyed:
+            keyed = False
+            continue
         fields = getattr(current, "model_fields", None)
         if fields is None:
             return []
@@ -134,6 +215,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if match is None:
             return []
         ann = match.annotation
+        keyed = getattr(ann, "__origin__", None) is dict
         inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
         if not inner:
             return []

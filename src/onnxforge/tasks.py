@@ -124,3 +124,27 @@ def bench_task(plans: dict[str, dict[str, StageSpec]], ctx: StageContext):
             "uptodate": [config_changed(digest_of(versions))],
             "verbosity": 2,
         }
+
+
+def check_task(recipes: dict[str, Recipe], chosen: list[str], root: Path, reps: int):
+    """`check:<recipe>`: the recipe's budgets measured on what is built (builds nothing: run `doit build` first)."""
+    from doit.exceptions import TaskFailed
+
+    yield {"basename": "check", "name": None, "doc": "check built artifacts against their recipes' budgets"}
+    with_budgets = [n for n in chosen if recipes[n].body.budgets]
+    if not with_budgets:
+        yield {"basename": "check", "name": "none", "uptodate": [False], "verbosity": 2,
+               "actions": [lambda: print(f"no budgets in {', '.join(chosen) or 'the chosen recipes'}: nothing to check")]}
+    for name in with_budgets:
+        def run(recipe=recipes[name]):
+            from .budgets import CheckError, broken_lines, check_recipe
+
+            try:
+                broken = broken_lines(check_recipe(recipe, root, reps=reps))
+            except CheckError as exc:
+                return TaskFailed(f"check:{recipe.name}: {exc}")
+            if broken:
+                return TaskFailed("budget broken: " + "; ".join(broken))
+
+        yield {"basename": "check", "name": name, "doc": f"budgets of {name}", "actions": [run],
+               "uptodate": [False], "verbosity": 2}

@@ -18,10 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1]
 
 def builder_digest(family_dir: str, *package_files: str) -> str:
     """Digest of a family's build code (every .py in its package + the shared build files + the package
-    files it names, e.g. its runtime): editing any of them rebuilds."""
+    files it names, e.g. its runtime): editing any of them rebuilds. bench.py only measures built
+    artifacts (benchmarks, budget checks), so editing it rebuilds nothing."""
     folder = Path(family_dir).resolve()
     folder = folder if folder.is_dir() else folder.parent
-    files = sorted(folder.glob("*.py")) + [PACKAGE / "families" / "common.py", PACKAGE / "quantize.py"]
+    files = sorted(p for p in folder.glob("*.py") if p.name != "bench.py")
+    files += [PACKAGE / "families" / "common.py", PACKAGE / "quantize.py"]
     files += [PACKAGE / f for f in package_files]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 

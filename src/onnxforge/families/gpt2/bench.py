@@ -110,3 +110,24 @@ def describe(b: dict) -> str:
     d = b["decode_ms_per_token"]
     return (f"decode {d['mean']:.2f} ms/token mean (p50 {d['p50']:.2f}, p95 {d['p95']:.2f}, n {d['n']}), "
             f"prefill p50 {b['prefill_ms']['p50']:.1f} ms, {b['tokens_per_s']} tokens/s, peak RSS {b['peak_rss_mib']} MiB")
+
+
+# ---- budget checks (onnxforge/budgets.py): the figures a recipe's budgets may name, and a short fixed workload ----
+
+FIGURES = {
+    "decode_ms": "median ms per decoded token (with the KV cache when the graph has one)",
+    "prefill_ms": "p50 ms of the prompt's first pass",
+}
+# A long prompt, so a decoder that recomputes the whole sequence per token shows it plainly.
+CHECK = {"runs": 2, "warmup": 1, "prompt_tokens": 96, "new_tokens": 16}
+
+
+def check_jobs(manifest: dict, figures: set[str]) -> list[dict]:
+    return jobs(manifest, CHECK) if figures else []
+
+
+def check_figures(manifest: dict, done: list) -> dict:
+    if not done:  # only size budgets: nothing was run
+        return {}
+    (_, r), = done
+    return {"decode_ms": r["decode_ms_per_token"]["p50"], "prefill_ms": r["prefill_ms"]["p50"]}

@@ -129,3 +129,23 @@ def describe(b: dict) -> str:
     return (f"encoder {e['mean']:.1f} ms mean (p50 {e['p50']:.1f}, p95 {e['p95']:.1f}, n {e['n']}), decoder "
             f"{b['decoder_point_ms']['mean']:.1f} ms per point, everything {b['everything_s']:.2f} s, "
             f"peak RSS {b['peak_rss_mib']} MiB")
+
+
+# ---- budget checks (onnxforge/budgets.py): the figures a recipe's budgets may name, and a short fixed workload ----
+
+FIGURES = {
+    "encoder_ms": "median ms of the image encoder (a new picture each run)",
+    "decoder_ms": "median ms of the mask decoder alone, per point prompt",
+}
+CHECK = {"runs": 3, "warmup": 1, "prompts": 5, "points_per_side": 2, "image": "320x240", "arena": False}
+
+
+def check_jobs(manifest: dict, figures: set[str]) -> list[dict]:
+    return jobs(manifest, CHECK) if figures else []
+
+
+def check_figures(manifest: dict, done: list) -> dict:
+    if not done:  # only size budgets: nothing was run
+        return {}
+    (_, r), = done
+    return {"encoder_ms": r["encoder_ms"]["p50"], "decoder_ms": r["decoder_point_ms"]["p50"]}

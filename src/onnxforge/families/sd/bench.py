@@ -64,13 +64,14 @@ def jobs(manifest: dict, s: dict) -> list[dict]:
     return out
 
 
-def _inputs(name: str, rt: dict, size: int) -> dict:
-    """Bench inputs: random latents/pictures of the size, and a 20-token prompt for the text encoder."""
+def _inputs(name: str, rt: dict, size: int, batch: int | None = None) -> dict:
+    """Bench inputs: random latents/pictures of the size, and a 20-token prompt for the text encoder; batch
+    None: 2 for the submodules classifier-free guidance doubles, else 1."""
     rng = np.random.default_rng(0)
     n = rt["max_length"]
     ids = np.full((2, n), rt["pad_id"], np.int64)
     ids[:, 0], ids[:, 1:20], ids[:, 20] = rt["bos_id"], rng.integers(0, 300, (2, 19)), rt["eos_id"]
-    batch = 2 if SUBMODULES[name].cfg_batch else 1
+    batch = batch or (2 if SUBMODULES[name].cfg_batch else 1)
     return SUBMODULES[name].example(rt, batch, size, size, ids, rng)
 
 
@@ -97,7 +98,7 @@ def child(job: dict, a) -> dict:
     session = a.session(name, threads=job["threads"])
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mib()
-    inputs = _inputs(name, a.runtime, job["size"])
+    inputs = _inputs(name, a.runtime, job["size"], job.get("batch"))
     times = []
     for i in range(job["warmup"] + job["runs"]):
         t = time.perf_counter()
@@ -169,3 +170,52 @@ def describe(b: dict) -> str:
         parts.append(f"whole {im['size']} px picture ({im['steps']} steps) {im['image_ms']['mean'] / 1e3:.1f} s, "
                      f"peak RSS {im['peak_rss_mib']:.0f} MiB")
     return "; ".join(parts) or "no figures"
+
+
+# ---- budget checks (onnxforge/budgets.py): the figures a recipe's budgets may name, and a short fixed workload ----
+
+FIGURES = {
+    "unet_step_ms": "median ms of one denoising step's UNet call at the batch the variant runs per step (unet_batch)",
+    "unet_batch": "latent images the UNet computes per denoising step of one picture: the graph's fixed batch, "
+                  "else the manifest's runtime unet_batch (one-pass artifacts), else 2 under classifier-free "
+                  "guidance (the manifest's guidance_scale > 1), else 1",
+    "text_encoder_ms": "median ms of the text encoder at the batch guidance needs",
+    "vae_decoder_ms": "median ms of the VAE decoder, one picture",
+}
+# peak_rss_mib of a standard run: a whole picture of `image_steps` steps, everything loaded at once.
+# Medians of 5 calls: a 2-core machine shared with other jobs has spikes of 2x within a second.
+CHECK = {"size": 256, "runs": 5, "warmup": 1, "image_steps": 2}
+
+
+def step_batch(manifest: dict) -> int:
+    """Latent images per UNet call per denoising step, as the pipeline runs this artifact (see FIGURES)."""
+    sample = next(i for i in manifest["components"]["unet"]["inputs"] if i["name"] == "sample")
+    if isinstance(sample["shape"][0], int):
+        return sample["shape"][0]
+    if "unet_batch" in manifest["runtime"]:  # a one-pass (LCM) artifact says so (branch lcm, issue 12)
+        return int(manifest["runtime"]["unet_batch"])
+    return 2 if manifest["runtime"]["guidance_scale"] > 1 else 1
+
+
+def check_jobs(manifest: dict, figures: set[str]) -> list[dict]:
+    base = {"runs": CHECK["runs"], "warmup": CHECK["warmup"], "size": CHECK["size"]}
+    guided = 2 if manifest["runtime"]["guidance_scale"] > 1 else 1
+    out = []
+    if "unet_step_ms" in figures:
+        out.append({**base, "what": "unet", "batch": step_batch(manifest)})
+    if "text_encoder_ms" in figures:
+        out.append({**base, "what": "text_encoder", "batch": guided, "size": 0})
+    if "vae_decoder_ms" in figures:
+        out.append({**base, "what": "vae_decoder", "batch": 1})
+    if "peak_rss_mib" in figures:
+        out.append({"what": "image", "size": CHECK["size"], "steps": CHECK["image_steps"], "runs": 1, "warmup": 0,
+                    "low_memory": False})
+    return out
+
+
+def check_figures(manifest: dict, done: list) -> dict:
+    out = {"unet_batch": step_batch(manifest)}
+    for job, r in done:
+        if job["what"] != "image":
+            out[f"{'unet_step' if job['what'] == 'unet' else job['what']}_ms"] = r["ms"]["p50"]
+    return out
