@@ -101,7 +101,11 @@ class Limits:
         self.max_bytes, self.max_pixels = max_bytes, max_pixels
 
     def describe(self) -> str:
-        return f"up to {self.max_bytes / 1024 / 1024:g} MB and {self.max_pixels:,} pixels"
+        return f"up to {size_text(self.max_bytes)} and {self.max_pixels:,} pixels"
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1024 / 1024:.3g} MB" if n >= 1024 * 1024 else f"{n:,} bytes"
 
 
 def read_upload(name: str, data: bytes, limits: Limits):
@@ -109,7 +113,7 @@ def read_upload(name: str, data: bytes, limits: Limits):
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_bytes:
-        raise ValueError(f"{name} is {len(data) / 1024 / 1024:.1f} MB; pictures are accepted {limits.describe()}")
+        raise ValueError(f"{name} is {size_text(len(data))}; pictures are accepted {limits.describe()}")
     if not data:
         raise ValueError(f"{name} is empty: upload a picture file (PNG, JPEG, WebP ...)")
     try:
@@ -236,7 +240,8 @@ class Page:
             self.sheet = ui.image().classes("of-sheet").style("width: 100%; max-width: 1100px; "
                                                              "image-rendering: pixelated")
             self.sheet.set_visibility(False)
-            ui.label("original | mask | edited").classes("text-caption")
+            self.sheet_caption = ui.label("original | mask | edited").classes("text-caption")
+            self.sheet.bind_visibility_to(self.sheet_caption)
             with ui.row():
                 self.downloads = [ui.button(f"Download {name}", on_click=lambda n=name: self._download(n))
                                   .props("outline").classes(f"of-download-{name.split('.')[0]}")
