@@ -113,9 +113,17 @@ class PageDriver:
         el = self.find(css)
         return el.text if el is not None else ""
 
-    def until(self, check, what: str):
+    def until(self, check, what: str, error_ends_wait: bool = True):
+        def done(_):
+            if error_ends_wait and self.text(".of-error"):  # an error shown on the page ends the wait at once
+                raise AssertionError(f"the page shows an error while waiting for {what}: {self.text('.of-error')!r}")
+            return check()
+
         try:
-            return self.wait.until(lambda _: check())
+            return self.wait.until(done)
+        except AssertionError:
+            self.shot("error")
+            raise
         except Exception as exc:  # a timeout says what was awaited and what the page showed
             self.shot("timeout")
             raise AssertionError(f"waited {WAIT_S} s for {what}; status {self.text('.of-status')!r}, "
@@ -130,7 +138,7 @@ class PageDriver:
         box.send_keys(text)
 
     def error(self) -> str:
-        return self.until(lambda: self.text(".of-error"), "an error message on the page")
+        return self.until(lambda: self.text(".of-error"), "an error message on the page", error_ends_wait=False)
 
     def click_picture(self, fx: float, fy: float) -> None:
         """Click at a fraction (0..1) of the shown picture element's width and height (frame included)."""
@@ -141,10 +149,13 @@ class PageDriver:
         ActionChains(self.d).move_to_element_with_offset(img, round((fx - 0.5) * w), round((fy - 0.5) * h)) \
             .click().perform()
 
-    def draw(self, word: str) -> None:
+    def write(self, word: str) -> None:
         self.type_into(".of-word input", word)
         self.find(".of-write").click()
         self.until(lambda: self.find(".of-prompt textarea").get_attribute("value"), "GPT-2's prompt")
+
+    def draw(self, word: str) -> None:
+        self.write(word)
         self.find(".of-draw").click()
         self.until(lambda: "Drawing the picture: done" in self.text(".of-status"), "the picture")
         self.until(lambda: self.find(".of-picture img") is not None and self.find(".of-picture img").is_displayed(),
@@ -236,7 +247,7 @@ def test_uploads_a_non_image_and_a_too_large_picture_are_refused_a_picture_is_us
     big = tmp_path / "big.png"
     Image.new("RGB", (300, 300), "white").save(big)
     page.find(".of-upload input[type=file]").send_keys(str(big))
-    page.until(lambda: "big.png is 300x300" in page.text(".of-error"), "the pixel limit message")
+    page.until(lambda: "big.png is 300x300" in page.text(".of-error"), "the pixel limit message", False)
     assert f"{MAX_PIXELS:,} pixels" in page.text(".of-error")
 
     ok = tmp_path / "small-boat.png"
@@ -250,6 +261,42 @@ def test_uploads_a_non_image_and_a_too_large_picture_are_refused_a_picture_is_us
     record = json.loads((run / "run.json").read_text())
     assert record["picture_source"] == "upload" and record["picture_name"] == "small-boat.png"
     assert (np.asarray(Image.open(run / "image.png")) == np.asarray(Image.open(ok))).all()
+
+
+def test_one_job_at_a_time_a_second_visitor_waits_saying_so_and_cancel_stops_a_long_picture(server, chrome):
+    page = PageDriver(chrome, server["url"])
+    first = chrome.current_window_handle
+    page.write("slow")
+    chrome.switch_to.new_window("tab")  # a second visitor of the same server, ready before the long job starts
+    second = chrome.current_window_handle
+    other = PageDriver(chrome, server["url"])
+    other.type_into(".of-word input", "second")
+
+    chrome.switch_to.window(first)
+    # 256 px and the most steps the tiny SD takes: a minute of work, long enough to act during it
+    page.type_into(".of-size input", "256")
+    page.type_into(".of-steps input", "200")
+    page.find(".of-draw").click()
+    page.until(lambda: "Drawing the picture: step" in page.text(".of-status"), "the picture's live progress")
+    assert page.find(".of-cancel").is_displayed()
+
+    chrome.switch_to.window(second)
+    other.find(".of-write").click()
+    other.until(lambda: "Waiting: another job is running in this server" in other.text(".of-status"),
+                "the second visitor told to wait")
+    other.shot("6-second-visitor-waits")
+
+    chrome.switch_to.window(first)
+    page.find(".of-cancel").click()
+    page.until(lambda: "Drawing the picture was cancelled" in page.text(".of-error"), "the cancel message", False)
+    page.shot("7-cancelled")
+    run = only_run(server["out"], "slow")
+    assert not (run / "image.png").exists() and json.loads((run / "run.json").read_text())["completed"] == ["prompt"]
+
+    chrome.switch_to.window(second)  # the waiting job runs once the first is cancelled
+    other.until(lambda: other.find(".of-prompt textarea").get_attribute("value"), "the second visitor's prompt")
+    chrome.close()
+    chrome.switch_to.window(first)
 
 
 # ---- without a browser ------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .demo_cli import parse_size
 from .runtime.demo import DEFAULT_EDIT, ROLES
 from .runtime.edits import GRAMMAR
 
@@ -195,7 +196,7 @@ class Page:
             self.status = ui.label("Ready. One job runs at a time in this server.").classes("of-status")
             self.bar = ui.linear_progress(value=0, show_value=False).classes("w-64")
             self.bar.set_visibility(False)
-            self.cancel_button = ui.button("Cancel", on_click=self._cancel, color="negative").props("dense")
+            self.cancel_button = ui.button("Cancel", on_click=self._cancel, color="negative").props("dense").classes("of-cancel")
             self.cancel_button.set_visibility(False)
         ui.timer(0.25, self._show_step)
 
@@ -208,6 +209,9 @@ class Page:
             self.prompt = ui.textarea("Picture prompt (edit it freely)").classes("w-full of-prompt")
             with ui.row().classes("items-center"):
                 ui.button("Regenerate", on_click=self.regenerate).classes("of-regenerate")
+                self.size = ui.input("Size WxH", placeholder="artifact's").classes("w-28 of-size")
+                self.steps = ui.number("Steps", placeholder="artifact's", min=1, precision=0, format="%d") \
+                    .classes("w-24 of-steps")
                 ui.button("Draw picture", on_click=self.draw).classes("of-draw")
                 ui.label("or upload your own picture:")
                 ui.upload(label=f"picture file ({self.limits.describe()})", auto_upload=True,
@@ -269,13 +273,15 @@ class Page:
     async def job(self, what: str, fn, *args, cancellable: bool = False, **kwargs):
         """Run fn in a worker thread, after any other visitor's job; every failure lands on the page."""
         self._clear_error()
-        if self.jobs.lock.locked():
+        queued = self.jobs.lock.locked()
+        if queued:
             self.jobs.waiting += 1
             self.say(f"Waiting: another job is running in this server (one at a time; {self.jobs.waiting} waiting)")
         try:
             async with self.jobs.lock:
-                if self.jobs.waiting:
+                if queued:
                     self.jobs.waiting -= 1
+                    queued = False
                 self.cancel.clear()
                 self.step, self.t_first = None, None
                 self.say(f"{what} ...")
@@ -294,6 +300,10 @@ class Page:
                     self.cancel_button.set_visibility(False)
                 self.say(f"{what}: done in {time.perf_counter() - started:.2f} s")
                 return result
+        except asyncio.CancelledError:  # the visitor left while waiting: the queue forgets them
+            if queued:
+                self.jobs.waiting -= 1
+            raise
         except Cancelled:
             self.say(f"{what}: cancelled")
             self.fail(f"{what} was cancelled; the files saved before it stay in {self.demo.run_dir}")
@@ -370,6 +380,13 @@ class Page:
 
     async def draw(self) -> None:
         typed = " ".join((self.prompt.value or "").split())
+        steps = self.steps.value
+        if steps is not None and (steps < 1 or steps != int(steps)):
+            return self.fail(f"steps {steps!r}: a whole number >= 1, or blank for the artifact's default")
+        try:  # the terminal demo's --size parser, so both say the same
+            size = parse_size(self.size.value.strip()) if (self.size.value or "").strip() else None
+        except ValueError as exc:
+            return self.fail(str(exc).replace("--size ", "size "))
 
         def work():
             if self.demo.run_dir is None:
@@ -378,7 +395,7 @@ class Page:
                 raise ValueError("no prompt: press Write prompt, or type what the picture should show")
             if typed != self.demo.record.get("prompt"):
                 self.demo.use_prompt(typed)  # the visitor's own words (or edited GPT-2's)
-            return self.demo.picture()
+            return self.demo.picture(size=size, steps=None if steps is None else int(steps))
 
         image = await self.job("Drawing the picture", work, cancellable=True)
         if image is not None:
