@@ -143,6 +143,16 @@ class Jobs:
 # ---- the page -------------------------------------------------------------------------------------------
 
 
+def describe_pick(pick: dict) -> str:
+    if "number" in pick:
+        return f"candidate {pick['number']}"
+    parts = [f"{x:g},{y:g} ({'object' if lab else 'not here'})" for (x, y), lab in zip(pick.get("points", []),
+                                                                                      pick.get("labels", []))]
+    if pick.get("box"):
+        parts.append("box " + ",".join(f"{v:g}" for v in pick["box"]))
+    return ", ".join(parts)
+
+
 def frame(image, margin: int):
     """The picture on a grey frame: clicks on the frame are clicks outside the picture (and say so)."""
     from PIL import ImageOps
@@ -196,7 +206,8 @@ class Page:
             self.status = ui.label("Ready. One job runs at a time in this server.").classes("of-status")
             self.bar = ui.linear_progress(value=0, show_value=False).classes("w-64")
             self.bar.set_visibility(False)
-            self.cancel_button = ui.button("Cancel", on_click=self._cancel, color="negative").props("dense").classes("of-cancel")
+            self.cancel_button = ui.button("Cancel", on_click=self._cancel, color="negative") \
+                .props("dense").classes("of-cancel")
             self.cancel_button.set_visibility(False)
         ui.timer(0.25, self._show_step)
 
@@ -504,8 +515,8 @@ class Page:
         overlay = Image.open(self.demo.run_dir / "mask-overlay.png")
         self.view.set_source(frame(overlay, self.margin))
         self._draw_marks()
-        pick = self.demo.record["pick"]
-        self.selection.set_text(f"mask: {self.demo.record['mask_area']} px selected by {pick}; saved mask.png, "
+        rec = self.demo.record
+        self.selection.set_text(f"mask: {rec['mask_area']} px from {describe_pick(rec['pick'])}; saved mask.png, "
                                 "mask-overlay.png")
 
     def _draw_marks(self) -> None:
