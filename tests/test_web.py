@@ -225,6 +225,49 @@ def test_the_whole_flow_in_a_browser(server, chrome):
     assert (np.asarray(Image.open(again / "mask.png")) == np.asarray(Image.open(run / "mask.png"))).all()
 
 
+def test_not_here_points_a_box_by_two_clicks_and_a_numbered_candidate(server, chrome):
+    page = PageDriver(chrome, server["url"])
+    page.draw("meadow")
+    run = only_run(server["out"], "meadow")
+
+    def pick_after(action, what):
+        before = page.text(".of-selection")
+        action()
+        page.until(lambda: page.text(".of-selection") != before and page.text(".of-selection").startswith("mask:"),
+                   what)
+        return json.loads((run / "run.json").read_text())["pick"], page.text(".of-selection")
+
+    def mode(name):
+        page.d.find_element("xpath", f"//*[contains(@class, 'of-mode')]//button[.//*[text()='{name}']]").click()
+
+    pick, said = pick_after(lambda: page.click_picture(0.3, 0.3), "the first point's mask")
+    # SAM's encoder runs once for the picture; every click after it is one decoder call
+    assert "this click: 1 encoder run, 1 decoder call" in said, said
+    mode("not here")
+    pick, said = pick_after(lambda: page.click_picture(0.7, 0.7), "the mask with a not-here point")
+    assert pick["labels"] == [1, 0] and len(pick["points"]) == 2, pick
+    assert "this click: 0 encoder runs, 1 decoder call" in said and "(not here)" in said, said
+    page.shot("8-not-here")
+
+    page.find(".of-clear").click()
+    mode("box (two clicks)")
+    page.click_picture(0.25, 0.25)
+    page.until(lambda: page.text(".of-selection").startswith("box corner"), "the first corner")
+    pick, said = pick_after(lambda: page.click_picture(0.75, 0.75), "the box's mask")
+    x0, y0, x1, y1 = pick["box"]
+    assert "points" not in pick and 8 <= x0 < 20 < 44 < x1 <= 56 and 8 <= y0 < 20 < 44 < y1 <= 56, pick
+    assert "0 encoder runs, 1 decoder call" in said, said
+    page.shot("9-box")
+
+    page.find(".of-everything").click()
+    page.until(lambda: "candidates, numbered" in page.text(".of-selection"), "segment everything")
+    page.find(".of-pick").click()
+    page.until(lambda: page.find(".q-menu .q-item") is not None, "the candidate list")
+    pick, said = pick_after(lambda: page.find(".q-menu .q-item").click(), "candidate 1's mask")
+    assert pick == {"number": 1} and "candidate 1" in said, (pick, said)
+    assert (run / "candidates.png").is_file()
+
+
 def test_a_click_outside_the_picture_says_so(server, chrome):
     page = PageDriver(chrome, server["url"])
     page.draw("harbour")

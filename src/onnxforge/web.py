@@ -234,7 +234,7 @@ class Page:
             with ui.row().classes("items-center"):
                 self.mode = ui.toggle({"here": "object here", "not": "not here", "box": "box (two clicks)"},
                                       value="here").classes("of-mode")
-                ui.button("Clear clicks", on_click=self.clear_clicks).props("outline")
+                ui.button("Clear clicks", on_click=self.clear_clicks).props("outline").classes("of-clear")
                 ui.button("Segment everything", on_click=self.everything).props("outline").classes("of-everything")
                 self.pick = ui.select([], label="candidate", on_change=self.pick_candidate).classes("w-32 of-pick")
             with ui.row():
@@ -470,13 +470,19 @@ class Page:
         else:
             points.append((x, y))
             labels.append(0 if self.mode.value == "not" else 1)
-        mask = await self.job("Finding the object", self.demo.select, points=points or None,
-                              labels=labels or None, box=box)
-        if mask is None:
+        def work():
+            sam = self.demo.model("mask")  # the one select() uses; its counters show what a click costs
+            runs = sam.encoder_runs, sam.decoder_runs
+            self.demo.select(points=points or None, labels=labels or None, box=box)
+            return sam.encoder_runs - runs[0], sam.decoder_runs - runs[1]
+
+        cost = await self.job("Finding the object", work)
+        if cost is None:
             self._draw_marks()
             return
         self.points, self.labels, self.box = points, labels, box
-        self._show_mask()
+        self._show_mask(f"; this click: {cost[0]} encoder run{'s' * (cost[0] != 1)}, "
+                        f"{cost[1]} decoder call{'s' * (cost[1] != 1)}")
 
     async def everything(self) -> None:
         if self.demo.image is None:
@@ -509,15 +515,15 @@ class Page:
         self._draw_marks()
         self.selection.set_text("clicks cleared: click the object")
 
-    def _show_mask(self) -> None:
+    def _show_mask(self, cost: str = "") -> None:
         from PIL import Image
 
         overlay = Image.open(self.demo.run_dir / "mask-overlay.png")
         self.view.set_source(frame(overlay, self.margin))
         self._draw_marks()
         rec = self.demo.record
-        self.selection.set_text(f"mask: {rec['mask_area']} px from {describe_pick(rec['pick'])}; saved mask.png, "
-                                "mask-overlay.png")
+        self.selection.set_text(f"mask: {rec['mask_area']} px from {describe_pick(rec['pick'])}{cost} "
+                                "(saved mask.png, mask-overlay.png)")
 
     def _draw_marks(self) -> None:
         """The clicks as SVG marks over the picture (green: object, red: not here, blue: box)."""
