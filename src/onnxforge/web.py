@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .demo_cli import parse_size
+from .runtime.artifact import ArtifactError
 from .runtime.demo import DEFAULT_EDIT, ROLES
 from .runtime.edits import GRAMMAR
 
@@ -304,8 +305,15 @@ class Page:
                 self.bar.set_visibility(True)
                 self.cancel_button.set_visibility(cancellable)
                 started = time.perf_counter()
+                work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
                 try:
-                    result = await asyncio.to_thread(fn, *args, **kwargs)
+                    result = await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # the visitor left mid-job: stop at the next step and keep the lock until the thread is
+                    # done, so the next job never runs beside it
+                    self.cancel.set()
+                    await asyncio.wait([work])
+                    raise
                 finally:
                     self.bar.set_visibility(False)
                     self.cancel_button.set_visibility(False)
@@ -318,7 +326,7 @@ class Page:
         except Cancelled:
             self.say(f"{what}: cancelled")
             self.fail(f"{what} was cancelled; the files saved before it stay in {self.demo.run_dir}")
-        except ValueError as exc:  # the pipeline's one-line messages (bad input, missing artifact, ...)
+        except (ValueError, ArtifactError) as exc:  # the pipeline's one-line messages (bad input, missing model)
             self.say(f"{what}: stopped")
             self.fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - an unexpected failure is still shown, never a silent hang
