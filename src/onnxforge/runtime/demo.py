@@ -445,8 +445,8 @@ class Demo:
             if issubclass(w.category, PromptTruncatedWarning):
                 self._note(f"the prompt is longer than the text encoder reads: {w.message}")
         s = result.settings
-        self.record.update(picture_source="sd", size=[s["width"], s["height"]], steps=s["steps"], scheduler=s["scheduler"],
-                           guidance_scale=s["guidance_scale"], picture_timings=result.timings)
+        self.record.update(picture_source="sd", size=[s["width"], s["height"]], steps=s["steps"],
+                           scheduler=s["scheduler"], guidance_scale=s["guidance_scale"], picture_timings=result.timings)
         self._save("image.png", lambda p: result.save(p))
         self.image = np.asarray(result.image)
         self.mask = self.edited = None
