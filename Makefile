@@ -1,29 +1,47 @@
 # Two commands on a fresh machine (see README):
 #   make demo   install, build the offline default artifacts, run the scripted demo end to end
 #               (word -> prompt -> picture -> object -> mask -> edit; files under runs/)
-#   make test   install, run the test suite
+#   make test   install, run the test suite (the browser tests need Debian's chromium: setup installs it)
 #   make check  build the default (tiny) artifacts, check them against their recipes' budgets (CI runs it after test)
+#   make web    install, build the default artifacts, serve the demo page on http://127.0.0.1:7860
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORD ?= lighthouse
 EDIT ?= make it red
 PICK ?= 1
 
-.PHONY: setup demo build test check bench-medium bench-sam-base bench-sd-random clean
+.PHONY: setup browser web demo build test check bench-medium bench-sam-base bench-sd-random clean
 
-setup: $(VENV)/.installed
+# root runs apt-get itself, anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+setup: $(VENV)/.installed browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[build,test,clients]"
+	$(PY) -m pip install -q -e ".[build,test,clients,web]"
 	touch $@
+
+# Headless Chromium and its driver for tests/test_web.py, from Debian's packages (never a downloaded browser).
+# Installed where missing; when that is impossible make stops here, loudly (the tests would fail anyway).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	echo "make browser: installing chromium and chromium-driver (apt-get)"; \
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver || { \
+	  echo "make browser: FAILED to install chromium + chromium-driver; the browser tests (tests/test_web.py)" \
+	       "need /usr/bin/chromium and /usr/bin/chromedriver: install them and run make again" >&2; exit 1; }; \
+	[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { \
+	  echo "make browser: apt-get ran but /usr/bin/chromium or /usr/bin/chromedriver is still missing" >&2; exit 1; }
 
 build: setup
 	$(VENV)/bin/doit build
 
 demo: build
 	$(VENV)/bin/onnxforge demo --word "$(WORD)" --pick $(PICK) --edit "$(EDIT)" --seed 0 --out runs
+
+web: build
+	$(VENV)/bin/onnxforge web
 
 test: setup
 	$(VENV)/bin/pytest -q

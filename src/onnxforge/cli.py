@@ -596,6 +596,10 @@ def parser() -> argparse.ArgumentParser:
 
     add_demo_parser(sub)
 
+    from .web import add_parser as add_web_parser
+
+    add_web_parser(sub)
+
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")
     bu.add_argument("recipes", nargs="*", help="recipe names (files in recipes/ without .yaml); default: the default ones")

@@ -138,7 +138,7 @@ def main(args) -> int:
     if not scripted and not sys.stdin.isatty():
         raise ValueError("no terminal to ask questions on: pass --word WORD (or --prompt TEXT) for the scripted "
                          "demo, see `onnxforge demo --help`")
-    settings = replay_settings(load_run(args.replay), args) if args.replay else flag_settings(args, scripted)
+    settings = replay_settings(load_run(args.replay), args, args.replay) if args.replay else flag_settings(args, scripted)
     out = sys.stdout
 
     def log(line: str) -> None:
@@ -205,8 +205,9 @@ def flag_settings(args, scripted: bool) -> dict:
     return s
 
 
-def replay_settings(run: dict, args) -> dict:
-    """A run.json -> the same settings; its models exactly (the version folders it names)."""
+def replay_settings(run: dict, args, run_json=None) -> dict:
+    """A run.json -> the same settings; its models exactly (the version folders it names); an uploaded
+    picture (the web page's) is read back from image.png beside run.json."""
     from pathlib import Path
 
     models = {}
@@ -222,6 +223,8 @@ def replay_settings(run: dict, args) -> dict:
                 "box": tuple(pick["box"]) if pick.get("box") else None}
     edit = run.get("edit") or {}
     return {"models": models, "word": run.get("word"),
+            "picture_file": (Path(run_json).parent / "image.png" if run.get("picture_source") == "upload" and run_json
+                             else None),
             "prompt": run["prompt"] if run["prompt_source"] == "given" else None, "seed": run["seed"],
             "prompt_seed": run.get("prompt_seed", run["seed"]),
             "steps": run["steps"], "scheduler": run.get("scheduler"), "size": tuple(run["size"]),
@@ -231,7 +234,8 @@ def replay_settings(run: dict, args) -> dict:
 
 def run_scripted(demo, s: dict) -> None:
     # 1. choose the artifacts first: a missing one stops the run before any work
-    roles = (["text"] if s["prompt"] is None else []) + ["image"] + (["mask"] if s["pick"] else [])
+    upload = s.get("picture_file")  # a replayed web run whose picture was uploaded, not drawn
+    roles = (["text"] if s["prompt"] is None and not upload else []) + ["image"] + (["mask"] if s["pick"] else [])
     for role in roles:
         demo.choice(role)
     # 2. the run folder
@@ -239,13 +243,19 @@ def run_scripted(demo, s: dict) -> None:
     # 3. the prompt
     if s["prompt"] is not None:
         demo.use_prompt(s["prompt"])
-    else:
+    elif not upload:
         prompt = demo.prompt(s["word"], seed=s.get("prompt_seed"))
         if s.get("expect_prompt") and prompt != s["expect_prompt"]:
             demo.log("warning: GPT-2 wrote a different prompt than the recorded run")
         demo.log(f"prompt: {prompt}")
     # 4. the picture
-    demo.picture(size=s["size"], steps=s["steps"], scheduler=s["scheduler"])
+    if upload:
+        from PIL import Image
+
+        with Image.open(upload) as im:
+            demo.use_picture(im, name=str(upload))
+    else:
+        demo.picture(size=s["size"], steps=s["steps"], scheduler=s["scheduler"])
     # 5. the object and its mask
     pick = s["pick"]
     if pick:

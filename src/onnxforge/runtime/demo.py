@@ -7,7 +7,7 @@ onnxruntime + tokenizers + Pillow only, never torch.
     demo = Demo(artifacts="artifacts", out="runs", low_memory=False)
     demo.start_run("castle", seed=7)
     prompt = demo.prompt("castle")                 # GPT-2 (or demo.use_prompt("a castle at dusk"))
-    demo.picture(size=(64, 64), steps=10)          # Stable Diffusion -> image.png
+    demo.picture(size=(64, 64), steps=10)          # Stable Diffusion -> image.png (or demo.use_picture(img))
     demo.candidates()                              # SAM "everything" -> candidates.png, numbered
     demo.select(number=2)                          # or points=[(x, y)], labels=[1], or box=(x0, y0, x1, y1)
     demo.edit("make it red")                       # edited.png + sheet.png (original | mask | edited)
@@ -191,9 +191,16 @@ def load_run(path: str | Path) -> dict:
     def whole(v, lo=0):
         return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
-    if run.get("prompt_source") not in ("gpt2", "given"):
+    uploaded = run.get("picture_source") == "upload"  # the user's own picture: image.png beside run.json
+    if run.get("picture_source", "sd") not in ("sd", "upload"):
+        raise bad("picture_source", "'sd' or 'upload'")
+    if uploaded and not (path.parent / "image.png").is_file():
+        raise RunFileError(f"{path}: the run used an uploaded picture, but {path.parent / 'image.png'} is "
+                           "missing; replay needs the run folder as the run wrote it")
+    if run.get("prompt_source") not in ("gpt2", "given") and not (uploaded and run.get("prompt_source") is None):
         raise bad("prompt_source", "'gpt2' or 'given'")
-    if not isinstance(run.get("prompt"), str) or (run["prompt_source"] == "gpt2" and not isinstance(run.get("word"), str)):
+    if run.get("prompt_source") and (not isinstance(run.get("prompt"), str)
+                                     or (run["prompt_source"] == "gpt2" and not isinstance(run.get("word"), str))):
         raise bad("prompt" if not isinstance(run.get("prompt"), str) else "word", "text")
     if not whole(run.get("seed")):
         raise bad("seed", "a whole number >= 0")
@@ -202,7 +209,7 @@ def load_run(path: str | Path) -> dict:
     size = run.get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(whole(v, 1) for v in size)):
         raise bad("size", "[width, height]")
-    if not whole(run.get("steps"), 1):
+    if not whole(run.get("steps"), 1) and not (uploaded and run.get("steps") is None):
         raise bad("steps", "a whole number >= 1")
     pick = run.get("pick")
     if pick is not None:
@@ -266,6 +273,21 @@ class Demo:
         self.saved: list[Path] = []
         self.image = self.mask = self.edited = None
         self.found = []  # SAM candidates
+        # on_step(stage, i, t): called after every denoising step of picture() and of generative edits
+        # (i from 0, t the timestep, falling towards 0); an exception raised there stops the step cleanly
+        # (the web page's cancel button)
+        self.on_step = None
+
+    def share(self, log=print) -> "Demo":
+        """Another Demo (its own run and state) over the same artifacts and loaded models: one per visitor
+        of the web page, so models load once per process."""
+        other = Demo(self.root, self.out, self.explicit, self.low_memory, self.threads, log, self.progress)
+        other._choices, other._models = self._choices, self._models
+        return other
+
+    def _callback(self, stage: str):
+        hook = self.on_step
+        return None if hook is None else (lambda i, t, x: hook(stage, i, float(t)))
 
     # ---- artifacts ----
 
@@ -418,18 +440,37 @@ class Demo:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PromptTruncatedWarning)
             result = sd.generate(self.record["prompt"], seed=self.record["seed"], steps=steps, width=width,
-                                 height=height, scheduler=scheduler, progress=self.progress)
+                                 height=height, scheduler=scheduler, progress=self.progress,
+                                 callback=self._callback("picture"))
         for w in caught:
             if issubclass(w.category, PromptTruncatedWarning):
                 self._note(f"the prompt is longer than the text encoder reads: {w.message}")
         s = result.settings
-        self.record.update(size=[s["width"], s["height"]], steps=s["steps"], scheduler=s["scheduler"],
-                           guidance_scale=s["guidance_scale"], picture_timings=result.timings)
+        self.record.update(picture_source="sd", size=[s["width"], s["height"]], steps=s["steps"],
+                           scheduler=s["scheduler"], guidance_scale=s["guidance_scale"], picture_timings=result.timings)
         self._save("image.png", lambda p: result.save(p))
         self.image = np.asarray(result.image)
         self.mask = self.edited = None
         self._stage("picture", started)
         return result.image
+
+    def use_picture(self, image, name: str = "upload"):
+        """The user's own picture instead of Stable Diffusion's (saved as image.png; replay reads it there)."""
+        from PIL import Image
+
+        self._require_run()
+        started = time.perf_counter()
+        rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+            raise ValueError(f"a picture must be RGB pixels (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
+        h, w = rgb.shape[:2]
+        self.record.update(picture_source="upload", picture_name=str(name), size=[w, h], steps=None)
+        self._save("image.png", lambda p: Image.fromarray(rgb).save(p, format="PNG"))
+        self.image = rgb
+        self.mask = self.edited = None
+        self.found = []
+        self._stage("picture", started)
+        return Image.fromarray(rgb)
 
     # ---- 4. candidates ----
 
@@ -525,7 +566,8 @@ class Demo:
             seed = self.record["seed"] if seed is None else seed
             prompt = edit.prompt
             result = sd.edit(self.image, self.mask, prompt, strength=strength, steps=steps or self.record["steps"],
-                             seed=seed, scheduler=self.record.get("scheduler"), progress=self.progress)
+                             seed=seed, scheduler=self.record.get("scheduler"), progress=self.progress,
+                             callback=self._callback("edit"))
             out = np.asarray(result.image)
             rec.update(strength=float(strength), steps=result.settings["steps"],
                        denoising_steps=result.settings["denoising_steps"], seed=int(seed),
@@ -566,6 +608,8 @@ class Demo:
     def command(self) -> str:
         """The scripted command that makes this run again."""
         r = self.record
+        if r.get("picture_source") == "upload":  # no flag takes a picture file: replay the run folder
+            return f"onnxforge demo --replay {_q(str(self.run_dir / 'run.json'))}"
         cmd = ["onnxforge", "demo"]
         # a prompt the user typed, or one GPT-2 wrote with another seed ("r" in the interactive mode), is
         # given as text: --seed seeds GPT-2 with the run's seed
