@@ -122,7 +122,8 @@ def test_filter_and_nms_match_transformers_mask_generation(predictor, monkeypatc
     iou, low = iou[:, 1:], low[:, 1:]
     logits = predictor._upscale(low, binarize=False)  # (36, 3, H, W)
     scores = iou.reshape(-1)
-    iou_t, stab_t, nms_t = float(np.median(scores)), 0.05, 0.5  # thresholds that bite on random weights
+    # Thresholds that bite on random weights (their masks are near image-wide, so only a loose NMS keeps several).
+    iou_t, stab_t, nms_t = float(np.median(scores)), 0.01, 0.98
     proc = SamImageProcessor()
     ref_masks, ref_scores, ref_boxes = proc.filter_masks(torch.from_numpy(logits), torch.from_numpy(iou),
                                                           (H, W), [0, 0, W, H], pred_iou_thresh=iou_t,
