@@ -273,6 +273,7 @@ def _segment(args) -> int:
     record: dict = {"image": str(image_path), "artifact": str(predictor.artifact.dir)}
     if args.everything:
         candidates = predictor.segment_everything(points_per_side=args.points_per_side,
+                                                  points_per_batch=args.points_per_batch,
                                                   pred_iou_threshold=args.pred_iou_threshold,
                                                   stability_threshold=args.stability_threshold)
         record["candidates"] = [{"number": n, "area": c.area, "score": round(c.score, 4),
@@ -468,7 +469,9 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--out", default="mask.png", help="mask PNG; with --everything and no --pick a label map "
                                                       "(pixel value = candidate number) (default: mask.png)")
     sg.add_argument("--overlay", help="overlay PNG (default: <out>-overlay.png beside --out)")
-    sg.add_argument("--points-per-side", type=int, help="--everything grid size (default: the manifest's)")
+    sg.add_argument("--points-per-side", type=int, help="--everything grid size, 1 to 64 (default: the manifest's)")
+    sg.add_argument("--points-per-batch", type=int, help="--everything: grid points per decoder call "
+                                                         "(default: the manifest's, 64)")
     sg.add_argument("--pred-iou-threshold", type=float, help="--everything: keep masks SAM rates above this "
                                                              "(<= 0 keeps all; default: the manifest's)")
     sg.add_argument("--stability-threshold", type=float, help="--everything: keep masks at least this stable "
