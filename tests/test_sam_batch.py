@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections import deque
 
 import numpy as np
@@ -241,3 +243,37 @@ def test_picture_too_small_or_over_the_pixel_limit(sam_tiny):
     with pytest.raises(ValueError, match=r"the picture is 101x100 px = 10100 pixels; the limit is 10000 pixels"):
         p.set_image(np.zeros((100, 101, 3), np.uint8))
     p.set_image(np.zeros((100, 100, 3), np.uint8))  # at the limit: fine
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--points-per-side", "0"], r"points per side must be 1 to 64 \(got 0\)"),
+    (["--points-per-side", "65"], r"points per side must be 1 to 64 \(got 65\)"),
+    (["--points-per-batch", "0"], r"points per batch must be >= 1 \(got 0\)"),
+])
+def test_cli_bad_grid_is_one_line(sam_tiny, tmp_path, args, match):
+    from PIL import Image
+
+    from conftest import run_cli
+
+    picture = tmp_path / "p.png"
+    Image.fromarray(_picture()).save(picture)
+    proc = run_cli("segment", str(picture), "--artifact", str(sam_tiny.variant("fp32", "sam-tiny")), "--everything",
+                   *args, "--out", str(tmp_path / "m.png"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and re.search(match, lines[0]), proc.stderr
+
+
+def test_cli_points_per_batch_gives_the_same_candidates(sam_tiny, tmp_path):
+    from PIL import Image
+
+    from conftest import run_cli
+
+    picture = tmp_path / "p.png"
+    Image.fromarray(_picture()).save(picture)
+    out = []
+    for batch in ("1", "64"):
+        proc = run_cli("segment", str(picture), "--artifact", str(sam_tiny.variant("fp32", "sam-tiny")), "--everything",
+                       "--points-per-side", "3", "--points-per-batch", batch, "--json", "--out", str(tmp_path / f"{batch}.png"))
+        assert proc.returncode == 0, proc.stderr
+        out.append(json.loads(proc.stdout)["candidates"])
+    assert out[0] == out[1] and out[0]
