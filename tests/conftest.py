@@ -86,6 +86,15 @@ def sam_tiny(tmp_path_factory) -> Project:
 
 
 @pytest.fixture(scope="session")
+def sam2_tiny(tmp_path_factory) -> Project:
+    """The sam2-tiny recipe (fp32 and int8 at 128 px, fp32 at 64 px); not in the default build, so built by name."""
+    project = new_project(tmp_path_factory.mktemp("sam2-project"),
+                          {"sam2-tiny": (REPO / "recipes" / "sam2-tiny.yaml").read_text()})
+    project.doit("build", "recipes=sam2-tiny")
+    return project
+
+
+@pytest.fixture(scope="session")
 def sd_tiny(tmp_path_factory) -> Project:
     """The shipped sd-tiny recipe (fp32, int8 static, int8-dynamic)."""
     return built_project(tmp_path_factory, "sd-project", ["sd-tiny"])

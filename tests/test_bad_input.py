@@ -23,7 +23,7 @@ source:
 @pytest.mark.parametrize("body, match", [
     ("family: gpt2\nvariants: [kv\n", r"malformed YAML at line \d+, column \d+: expected"),
     ("- just\n- a list\n", r"a recipe is a mapping"),
-    ("family: llama\n", r"family: must be one of gpt2, sam, sd \(got 'llama'\)"),
+    ("family: llama\n", r"family: must be one of gpt2, sam, sam2, sd \(got 'llama'\)"),
     (GOOD_HEAD + "variants: {kv: {}}\ncolour: blue\n", r"colour: unknown key; allowed: family, description, default, budgets, source"),
     (GOOD_HEAD + "variants: {kv-fast: {}}\n", r"variants\.kv-fast: unknown key; allowed: base, kv, pruned, kv-int8"),
     (GOOD_HEAD + "variants: {kv: {}}\nvalidate: {greedy_tokens: many}\n", r"validate\.greedy_tokens: Input should be a valid integer.*'many'"),

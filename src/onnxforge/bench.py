@@ -92,19 +92,21 @@ def run_child(job: dict) -> dict:
 
 
 def bench_variants(paths: dict[str, Path], out_dir: Path, settings: dict | None = None, threads: int | None = None,
-                   update_manifests: bool = True) -> dict:
+                   update_manifests: "bool | set" = True) -> dict:
     """Measure every artifact in `paths` (name -> variant or version folder) in one run; JSON, table, chart."""
     from tqdm import tqdm
 
     if not paths:
         raise ValueError("nothing to benchmark: no built artifact given")
     manifests = {name: art.load(p, check_hashes=False) for name, p in paths.items()}
-    families = {family_of(a.manifest, a.dir).name: family_of(a.manifest, a.dir) for a in manifests.values()}
-    if len(families) != 1:
+    fams = {name: family_of(a.manifest, a.dir) for name, a in manifests.items()}
+    families = {f.name: f for f in fams.values()}
+    # Families that share one benchmark module (SAM and SAM 2) compare in one run.
+    if len({id(f.bench) for f in families.values()}) != 1:
         raise ValueError(f"compare artifacts of one family at a time (got {', '.join(sorted(families))})")
     fam = next(iter(families.values()))
     s = settings_for(fam, settings or {})
-    jobs = [(name, {**job, "family": fam.name, "path": str(a.dir), "threads": threads})
+    jobs = [(name, {**job, "family": fams[name].name, "path": str(a.dir), "threads": threads})
             for name, a in manifests.items() for job in fam.bench.jobs(a.manifest, s)]
     done: dict[str, list] = {name: [] for name in manifests}
     for name, job in tqdm(jobs, desc=f"bench {fam.name}", unit="job", disable=None):
@@ -112,7 +114,7 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, settings: dict | None 
     results = {name: {"variant": a.manifest["artifact"]["variant"], "version": a.manifest["artifact"]["version"],
                       "artifact": str(a.dir), **fam.bench.collect(a.manifest, done[name])}
                for name, a in manifests.items()}
-    report = {"measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "family": fam.name, "machine": machine(threads),
+    report = {"measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "family": "+".join(sorted(families)), "machine": machine(threads),
               "settings": s, "variants": results, "ratios": fam.bench.ratios(results)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -124,7 +126,10 @@ def bench_variants(paths: dict[str, Path], out_dir: Path, settings: dict | None 
     except ImportError:  # matplotlib comes with the build extra; the JSON and table do not need it
         print("no chart: matplotlib is not installed (pip install 'onnxforge[build]')")
     if update_manifests:
+        record = set(results) if update_manifests is True else set(update_manifests)
         for name, r in results.items():
+            if name not in record:
+                continue
             mpath = Path(r["artifact"]) / art.MANIFEST
             manifest = json.loads(mpath.read_text())
             manifest["benchmark"] = {**fam.bench.summary(r), "settings": s, "measured": report["measured"],

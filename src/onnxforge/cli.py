@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_TEXT_ARTIFACT = "artifacts/gpt2-tiny/kv"
-DEFAULT_SAM_ARTIFACT = "artifacts/sam-tiny/fp32"
+DEFAULT_ARTIFACTS = "artifacts"
 DEFAULT_SD_RECIPE = "sd-tiny"
 
 
@@ -165,7 +165,10 @@ def _bench(args) -> int:
     paths = _bench_targets(args)
     given = {k: getattr(args, k) for f in FAMILIES.values() if f.bench for k in f.bench.SETTINGS}
     out = Path(args.out) if args.out else Path(args.artifacts) / (args.recipe or "adhoc") / "bench" / "manual"
-    bench_variants(paths, out, settings=given, threads=args.threads)
+    unknown = sorted(set(args.no_record or ()) - set(paths))
+    if unknown:
+        raise ValueError(f"--no-record {unknown[0]}: no artifact of that name in this run (names: {', '.join(paths)})")
+    bench_variants(paths, out, settings=given, threads=args.threads, update_manifests=set(paths) - set(args.no_record or ()))
     print(f"saved {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}; figures recorded in each manifest")
     return 0
 
@@ -258,7 +261,7 @@ def _draw_prompts(overlay, points, labels, box):
 
 def _segment(args) -> int:
     from .runtime import sam_processing as sp
-    from .runtime.sam import SamPredictor, save_label_png, save_mask_png
+    from .runtime.sam import open_predictor, save_label_png, save_mask_png
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -285,11 +288,17 @@ def _segment(args) -> int:
     if box is not None:
         sp.transform_boxes(box, rgb.shape[:2], rgb.shape[:2])
 
-    predictor = SamPredictor(args.artifact, threads=args.threads, low_memory=not args.arena)
+    artifact = args.artifact
+    if artifact is None:  # the fastest validated SAM / SAM 2 variant built (the demo's choice)
+        from .runtime.demo import choose_artifact
+
+        artifact = choose_artifact("mask", DEFAULT_ARTIFACTS).dir
+    predictor = open_predictor(artifact, threads=args.threads, low_memory=not args.arena)
     predictor.set_image(rgb)
     record: dict = {"image": str(image_path), "artifact": str(predictor.artifact.dir)}
     if args.everything:
         candidates = predictor.segment_everything(points_per_side=args.points_per_side,
+                                                  points_per_batch=args.points_per_batch,
                                                   pred_iou_threshold=args.pred_iou_threshold,
                                                   stability_threshold=args.stability_threshold)
         record["candidates"] = [{"number": n, "area": c.area, "score": round(c.score, 4),
@@ -475,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
         _add_bench_settings(b)
         b.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
         b.add_argument("--out", help="folder for bench.json/.md/.png (default: artifacts/<recipe>/bench/manual)")
+        b.add_argument("--no-record", action="append", metavar="NAME",
+                       help="leave this artifact's manifest as it is (e.g. one in a shared folder) (repeatable)")
         b.set_defaults(func=_bench)
 
     import os
@@ -515,10 +526,12 @@ def parser() -> argparse.ArgumentParser:
                "  onnxforge segment photo.png --everything --out labels.png      # numbered overlay: pick one\n"
                "  onnxforge segment photo.png --everything --pick 3 --out cat.png\n"
                "Coordinates are pixels of the original image, x to the right, y down. Gray and RGBA\n"
-               "pictures are converted to RGB; sides from 2 to 8192 px are accepted.")
+               "pictures are converted to RGB; sides from 8 to 8192 px are accepted.")
     sg.add_argument("image", help="the picture (PNG, JPEG, ...)")
-    sg.add_argument("--artifact", default=DEFAULT_SAM_ARTIFACT,
-                    help=f"SAM variant folder (newest version) or version folder (default: {DEFAULT_SAM_ARTIFACT})")
+    sg.add_argument("--artifact", default=None,
+                    help="SAM or SAM 2.1 variant folder (newest version) or version folder (default: the fastest "
+                         f"validated one built under {DEFAULT_ARTIFACTS}/ by its recorded benchmark, else the newest "
+                         "recipe's reference variant, as the demo chooses)")
     sg.add_argument("--point", action=_PromptAction, metavar="X,Y", dest="prompts",
                     help="a point on the object (repeatable)")
     sg.add_argument("--negative", action=_PromptAction, nargs="?", const=None, metavar="X,Y", dest="prompts",
@@ -534,7 +547,9 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--out", default="mask.png", help="mask PNG; with --everything and no --pick a label map "
                                                       "(pixel value = candidate number) (default: mask.png)")
     sg.add_argument("--overlay", help="overlay PNG (default: <out>-overlay.png beside --out)")
-    sg.add_argument("--points-per-side", type=int, help="--everything grid size (default: the manifest's)")
+    sg.add_argument("--points-per-side", type=int, help="--everything grid size, 1 to 64 (default: the manifest's)")
+    sg.add_argument("--points-per-batch", type=int, help="--everything: grid points per decoder call "
+                                                         "(default: the manifest's, 64)")
     sg.add_argument("--pred-iou-threshold", type=float, help="--everything: keep masks SAM rates above this "
                                                              "(<= 0 keeps all; default: the manifest's)")
     sg.add_argument("--stability-threshold", type=float, help="--everything: keep masks at least this stable "

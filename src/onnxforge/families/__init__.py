@@ -12,9 +12,10 @@ import os
 from .family import Family
 from .gpt2 import FAMILY as GPT2
 from .sam import FAMILY as SAM
+from .sam2 import FAMILY as SAM2
 from .sd import FAMILY as SD
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, SAM, SD)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, SAM, SAM2, SD)}
 
 for _module in filter(None, (m.strip() for m in os.environ.get("ONNXFORGE_FAMILIES", "").split(","))):
     _family = importlib.import_module(_module).FAMILY

@@ -47,8 +47,9 @@ ROLES = {
              "metric": (("decode_ms_per_token", "mean"), "ms/token")},
     "image": {"kind": "sd", "label": "Stable Diffusion", "default_recipe": "sd-tiny", "reference": "fp32",
               "metric": (("image", "image_ms", "mean"), "ms/picture")},
-    "mask": {"kind": "sam", "label": "Segment Anything", "default_recipe": "sam-tiny", "reference": "fp32",
-             "metric": (("encoder_ms", "mean"), "ms/encoder run")},
+    # SAM and SAM 2.1 artifacts both serve; the fastest validated one built wins (across recipes).
+    "mask": {"kind": "sam", "kinds": ("sam", "sam2"), "label": "Segment Anything", "default_recipe": "sam-tiny",
+             "reference": "fp32", "metric": (("encoder_ms", "mean"), "ms/encoder run"), "across_recipes": True},
 }
 STAGES = ("prompt", "picture", "candidates", "mask", "edit")
 DEFAULT_EDIT = "make it red"
@@ -146,19 +147,27 @@ def choose_artifact(role: str, root: str | Path = "artifacts", explicit: str | P
             raise art.ArtifactError(f"{target} holds no built variant: build it with `doit build recipes={target.name}`")
         _check_kind(role, rows[0][0], rows[0][1])
         return _pick_variant(role, rows, f"recipe chosen explicitly ({explicit})")
-    rows = [(d, m) for d, m in _built(root) if m.get("runtime", {}).get("kind") == spec["kind"]]
+    rows = [(d, m) for d, m in _built(root) if m.get("runtime", {}).get("kind") in _kinds(role)]
     if not rows:
         raise art.ArtifactError(f"no {spec['label']} artifact is built under {root}/: build one with "
                                 f"`doit build recipes={spec['default_recipe']}` (or `doit build` for all defaults)")
+    path, _ = spec["metric"]
+    timed = [r for r in rows if (r[1].get("validation") or {}).get("passed") and _metric(r[1], path) is not None]
+    if spec.get("across_recipes") and timed:
+        return _pick_variant(role, timed, "fastest validated variant built, of every recipe with a recorded benchmark")
     newest = max(rows, key=lambda r: r[1]["artifact"].get("created", ""))[1]["artifact"]["recipe"]
     recipes = sorted({m["artifact"]["recipe"] for _, m in rows})
     why = f"newest built {spec['label']} recipe" + (f" of {', '.join(recipes)}" if len(recipes) > 1 else "")
     return _pick_variant(role, [(d, m) for d, m in rows if m["artifact"]["recipe"] == newest], why)
 
 
+def _kinds(role: str) -> tuple:
+    return tuple(ROLES[role].get("kinds", (ROLES[role]["kind"],)))
+
+
 def _check_kind(role: str, vdir: Path, m: dict) -> None:
     kind = m.get("runtime", {}).get("kind")
-    if kind != ROLES[role]["kind"]:
+    if kind not in _kinds(role):
         raise art.ArtifactError(f"{vdir} is a {kind!r} artifact, not {ROLES[role]['label']} "
                                 f"({ROLES[role]['kind']!r})")
 
@@ -312,8 +321,8 @@ class Demo:
                 from .sd import StableDiffusion
                 self._models[role] = StableDiffusion(c.dir, threads=self.threads, low_memory=self.low_memory)
             else:
-                from .sam import SamPredictor
-                self._models[role] = SamPredictor(c.dir, threads=self.threads, low_memory=True)
+                from .sam import open_predictor
+                self._models[role] = open_predictor(c.dir, threads=self.threads, low_memory=True)
         return self._models[role]
 
     @property

@@ -34,14 +34,20 @@ from . import artifact as art
 from . import sam_processing as sp
 from .sam_processing import Candidate
 
-__all__ = ["SamPredictor", "Candidate", "mask_iou"]
+__all__ = ["SamPredictor", "Sam2Predictor", "open_predictor", "Candidate", "mask_iou"]
+
+# Prompting needs a picture of at least this many pixels a side (the model sees it at 256-1024 px);
+# above max_pixels the picture and its full-size float masks (4 bytes a pixel each) get huge.
+MIN_SIDE = 8
+MAX_PIXELS = 40_000_000
+MAX_POINTS_PER_SIDE = 64  # a 64x64 grid is 4096 prompts, 12288 masks: beyond that nothing new is found
 
 
 @dataclass
 class _ImageState:
     key: str
     rgb: np.ndarray  # uint8 HxWx3
-    embeddings: np.ndarray  # (1, C, h, w) float32
+    features: dict  # encoder output name -> array; the last is the image embedding (1, C, h, w)
     original_size: tuple[int, int]  # (h, w)
     reshaped_size: tuple[int, int]  # (h, w) inside the encoder's square input
 
@@ -69,28 +75,41 @@ class SamPredictor:
     count the session calls.
     """
 
-    def __init__(self, artifact, threads: int | None = None, low_memory: bool = True, cache_size: int = 4):
-        a = art.load(artifact, expect_kind="sam")
+    KIND = "sam"  # the manifest runtime.kind this class reads (Sam2Predictor: "sam2")
+
+    def __init__(self, artifact, threads: int | None = None, low_memory: bool = True, cache_size: int = 4,
+                 max_pixels: int = MAX_PIXELS):
+        a = art.load(artifact, expect_kind=self.KIND)
         # low_memory (default) runs the encoder without the ORT arena. Measured on the 2-core AVX2 EPYC,
         # ViT-B at 1024 px: arena off 8.7 s fp32 / 6.2 s int8 at 4.0 / 3.4 GiB peak RSS; arena on 11.8 s
         # for the first image, 7.8 s after, at 6.7 GiB. One image per run is the common case.
         encoder = a.session("encoder", threads=threads, low_memory=low_memory)
         decoder = a.session("decoder", threads=threads)
-        self._init(encoder, decoder, a.runtime, cache_size)
+        self._init(encoder, decoder, a.runtime, cache_size, max_pixels)
         self.artifact = a
 
     @classmethod
     def from_sessions(cls, encoder, decoder, runtime: dict, cache_size: int = 4) -> "SamPredictor":
         """A predictor on sessions that are not (yet) a published artifact: used by validation."""
         self = cls.__new__(cls)
-        self._init(encoder, decoder, runtime, cache_size)
+        self._init(encoder, decoder, runtime, cache_size, MAX_PIXELS)
         self.artifact = None
         return self
 
-    def _init(self, encoder, decoder, runtime: dict, cache_size: int) -> None:
+    def _init(self, encoder, decoder, runtime: dict, cache_size: int, max_pixels: int) -> None:
         self.encoder, self.decoder, self.runtime = encoder, decoder, runtime
         self.image_size = int(runtime["image_size"])
         self.labels = runtime["point_labels"]
+        self.max_pixels = int(max_pixels)
+        # SAM pads the picture into the square input; SAM 2 stretches it to the square ("resize").
+        self.square = runtime.get("resize", "longest_side") == "square"
+        # SAM 2 appends the padding point after a box too; SAM only when there is no box.
+        self.pad_always = runtime.get("padding_point", "without_box") == "always"
+        enc_io, dec_io = runtime["encoder_io"], runtime["decoder_io"]
+        # Encoder outputs and the decoder inputs they feed (SAM: the embedding only; SAM 2: + two
+        # high-resolution feature maps).
+        self.feature_names = list(enc_io.get("outputs") or [enc_io["output"]])
+        self.feature_inputs = dict(dec_io.get("features") or {enc_io["output"]: dec_io["image_embeddings"]})
         self.cache_size = max(1, int(cache_size))
         self._cache: OrderedDict[str, _ImageState] = OrderedDict()
         self._state: _ImageState | None = None
@@ -105,15 +124,21 @@ class SamPredictor:
         Runs the encoder unless this image's embedding is cached.
         """
         rgb = sp.load_rgb(image)
+        h, w = rgb.shape[:2]
+        if min(h, w) < MIN_SIDE:
+            raise ValueError(f"the picture is {w}x{h} px; prompting needs at least {MIN_SIDE} px a side")
+        if h * w > self.max_pixels:
+            raise ValueError(f"the picture is {w}x{h} px = {h * w} pixels; the limit is {self.max_pixels} pixels "
+                             f"(max_pixels): shrink it first")
         key = _image_key(rgb)
         state = self._cache.get(key)
         if state is None:
-            pixel_values, original_size, reshaped_size = sp.preprocess(
+            prep = sp.preprocess_square if self.square else sp.preprocess
+            pixel_values, original_size, reshaped_size = prep(
                 rgb, self.image_size, self.runtime["pixel_mean"], self.runtime["pixel_std"])
-            names = self.runtime["encoder_io"]
-            embeddings = self.encoder.run([names["output"]], {names["input"]: pixel_values})[0]
+            outputs = self.encoder.run(self.feature_names, {self.runtime["encoder_io"]["input"]: pixel_values})
             self.encoder_runs += 1
-            state = _ImageState(key, rgb, embeddings, original_size, reshaped_size)
+            state = _ImageState(key, rgb, dict(zip(self.feature_names, outputs)), original_size, reshaped_size)
             self._cache[key] = state
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -127,7 +152,13 @@ class SamPredictor:
 
     @property
     def embeddings(self) -> np.ndarray:
-        return self._current().embeddings
+        """The image embedding (the encoder's last output)."""
+        return self._current().features[self.feature_names[-1]]
+
+    @property
+    def features(self) -> dict:
+        """Every encoder output by name (SAM 2: the embedding and the high-resolution features)."""
+        return self._current().features
 
     def _current(self) -> _ImageState:
         if self._state is None:
@@ -161,22 +192,31 @@ class SamPredictor:
             codes.append(np.array([self.labels["box_top_left"], self.labels["box_bottom_right"]], dtype=np.int64))
         if not coords:
             raise ValueError("give at least one point or a box")
-        if box is None:
+        if box is None or self.pad_always:
             # SAM appends one padding point when there is no box (transformers: pad=True).
             coords.append(np.zeros((1, 2), np.float32))
             codes.append(np.array([self.labels["padding"]], dtype=np.int64))
         return np.concatenate(coords).astype(np.float32), np.concatenate(codes)
 
-    def decode(self, point_coords: np.ndarray, point_labels: np.ndarray, embeddings: np.ndarray | None = None):
+    def decode(self, point_coords: np.ndarray, point_labels: np.ndarray, embeddings=None):
         """One decoder call: coords (P, N, 2), labels (P, N) in the encoder's frame.
 
         Returns (iou_scores (P, 4), low_res_logits (P, 4, h, w)), all four mask tokens.
+        embeddings: another image's features (a dict by encoder output name, or the embedding alone).
         """
         names = self.runtime["decoder_io"]
-        emb = self.embeddings if embeddings is None else embeddings
-        feeds = {names["image_embeddings"]: emb,
-                 names["point_coords"]: np.ascontiguousarray(point_coords[None], dtype=np.float32),
-                 names["point_labels"]: np.ascontiguousarray(point_labels[None], dtype=np.int64)}
+        if embeddings is None:
+            features = self.features
+        elif isinstance(embeddings, dict):
+            features = embeddings
+        else:
+            features = {self.feature_names[-1]: embeddings}
+        if point_coords.ndim != 3 or point_coords.shape[0] == 0:
+            raise ValueError(f"the prompt batch is empty or malformed: coords of shape {point_coords.shape}, "
+                             f"expected (prompts >= 1, points, 2)")
+        feeds = {self.feature_inputs[k]: np.ascontiguousarray(v, dtype=np.float32) for k, v in features.items()}
+        feeds.update({names["point_coords"]: np.ascontiguousarray(point_coords[None], dtype=np.float32),
+                      names["point_labels"]: np.ascontiguousarray(point_labels[None], dtype=np.int64)})
         iou, masks = self.decoder.run([names["iou_scores"], names["low_res_masks"]], feeds)
         self.decoder_runs += 1
         return iou[0], masks[0]
@@ -185,16 +225,44 @@ class SamPredictor:
         """Which of the decoder's four mask tokens a mode returns (from the manifest)."""
         return list(self.runtime["multimask_outputs"]) if multimask else [int(self.runtime["single_mask_output"])]
 
+    def _select(self, iou: np.ndarray, low_res: np.ndarray, multimask: bool):
+        """The returned masks of each prompt: (P, C) scores and (P, C, h, w) logits.
+
+        SAM 2's single-mask mode keeps token 0 only where it is stable, else the multimask output the
+        model rates best (transformers' Sam2MaskDecoder._dynamic_multimask_via_stability).
+        """
+        dyn = self.runtime.get("dynamic_multimask")
+        if multimask or not dyn:
+            keep = self.mask_outputs(multimask)
+            return iou[:, keep].astype(np.float32), low_res[:, keep]
+        single, multi = self.mask_outputs(False)[0], self.mask_outputs(True)
+        flat = low_res[:, single].reshape(len(low_res), -1)
+        inter = (flat > dyn["delta"]).sum(-1)
+        union = (flat > -dyn["delta"]).sum(-1)
+        stable = np.where(union > 0, inter / np.maximum(union, 1), 1.0) >= dyn["threshold"]
+        best = np.asarray(multi)[np.argmax(iou[:, multi], axis=1)]
+        pick = np.where(stable, single, best)
+        rows = np.arange(len(low_res))
+        return iou[rows, pick][:, None].astype(np.float32), low_res[rows, pick][:, None]
+
     def _decode_prompt(self, points, labels, box, multimask: bool):
         coords, codes = self.prompt_tokens(points, labels, box)
         iou, low_res = self.decode(coords[None], codes[None])
-        keep = self.mask_outputs(multimask)
-        return iou[0, keep].astype(np.float32), low_res[:, keep]  # (C,), (1, C, h, w)
+        scores, low = self._select(iou, low_res, multimask)
+        return scores[0], low[:1]  # (C,), (1, C, h, w)
+
+    def _upscale(self, low_res: np.ndarray, binarize: bool, threshold: float | None = None) -> np.ndarray:
+        """(N, C, h, w) decoder logits -> (N, C, H, W) at the picture's size."""
+        st = self._current()
+        t = self.runtime["mask_threshold"] if threshold is None else threshold
+        if self.square:  # SAM 2: one bilinear resize to the picture (Sam2ImageProcessorFast.post_process_masks)
+            full = sp.resize_bilinear(low_res, *st.original_size)
+            return full > t if binarize else full
+        return sp.postprocess_masks(low_res, st.original_size, st.reshaped_size, pad_size=self.image_size,
+                                    threshold=t, binarize=binarize)
 
     def _full_size(self, low_res: np.ndarray, binarize: bool = True) -> np.ndarray:
-        st = self._current()
-        return sp.postprocess_masks(low_res, st.original_size, st.reshaped_size, pad_size=self.image_size,
-                                    threshold=self.runtime["mask_threshold"], binarize=binarize)[0]
+        return self._upscale(low_res, binarize)[0]
 
     def predict(self, points=None, labels=None, box=None, multimask: bool = True, return_logits: bool = False):
         """Masks for one prompt on the current image (decoder only).
@@ -206,6 +274,32 @@ class SamPredictor:
         """
         scores, low_res = self._decode_prompt(points, labels, box, multimask)
         return self._full_size(low_res, binarize=not return_logits), scores
+
+    def predict_batch(self, prompts: Sequence[dict], multimask: bool = True, return_logits: bool = False):
+        """Masks for several prompts: [(masks, scores)] in the order given, as `predict` returns them.
+
+        Each prompt is a dict with points / labels / box. Prompts with the same number of tokens go
+        through the decoder in one call (a different count would need padding tokens, which change
+        SAM's output), so a batch of clicks or of boxes is one decoder run.
+        """
+        if not len(prompts):
+            raise ValueError("the prompt batch is empty: give at least one prompt (points and/or a box)")
+        tokens = []
+        for i, pr in enumerate(prompts):
+            if not isinstance(pr, dict) or not set(pr) <= {"points", "labels", "box"}:
+                raise ValueError(f"prompt {i + 1}: expected a dict with points, labels and/or box, got {pr!r}")
+            try:
+                tokens.append(self.prompt_tokens(pr.get("points"), pr.get("labels"), pr.get("box")))
+            except ValueError as err:
+                raise ValueError(f"prompt {i + 1}: {err}") from None
+        results: list = [None] * len(prompts)
+        for n in sorted({len(c) for c, _ in tokens}):
+            idx = [i for i, (c, _) in enumerate(tokens) if len(c) == n]
+            iou, low_res = self.decode(np.stack([tokens[i][0] for i in idx]), np.stack([tokens[i][1] for i in idx]))
+            scores, low = self._select(iou, low_res, multimask)
+            for k, i in enumerate(idx):
+                results[i] = (self._full_size(low[k:k + 1], binarize=not return_logits), scores[k])
+        return results
 
     def best_mask(self, points=None, labels=None, box=None, multimask: bool = True):
         """(mask, index, scores): the highest-scoring mask for a prompt, its index and every mask's score.
@@ -221,14 +315,16 @@ class SamPredictor:
 
     def segment_everything(self, points_per_side: int | None = None, points_per_batch: int | None = None,
                            pred_iou_threshold: float | None = None, stability_threshold: float | None = None,
-                           nms_threshold: float | None = None) -> list[Candidate]:
+                           nms_threshold: float | None = None, min_region_area: int | None = None) -> list[Candidate]:
         """Every object SAM finds from a grid of single-point prompts, largest first.
 
         A points_per_side^2 grid of positive points, points_per_batch per decoder
         call, 3 masks each; keep masks rated above pred_iou_threshold and stable
         above stability_threshold, drop near-duplicates (box IoU > nms_threshold),
-        order largest first. Defaults come from the manifest. Candidate i of the
-        returned list is the object a person calls "number i + 1".
+        order largest first. min_region_area > 0 then fills holes and drops islands
+        smaller than that many pixels and repeats the NMS preferring unchanged masks
+        (SAM's AutomaticMaskGenerator.postprocess_small_regions). Defaults come from
+        the manifest. Candidate i of the returned list is the object a person calls "number i + 1".
         """
         ev = self.runtime["everything"]
         n = int(ev["points_per_side"] if points_per_side is None else points_per_side)
@@ -236,8 +332,13 @@ class SamPredictor:
         iou_t = float(ev["pred_iou_threshold"] if pred_iou_threshold is None else pred_iou_threshold)
         stab_t = float(ev["stability_threshold"] if stability_threshold is None else stability_threshold)
         nms_t = float(ev["nms_threshold"] if nms_threshold is None else nms_threshold)
-        if n < 1 or batch < 1:
-            raise ValueError(f"points per side and per batch must be >= 1 (got {n} and {batch})")
+        min_area = int(ev.get("min_region_area", 0) if min_region_area is None else min_region_area)
+        if not 1 <= n <= MAX_POINTS_PER_SIDE:
+            raise ValueError(f"points per side must be 1 to {MAX_POINTS_PER_SIDE} (got {n}): the grid has n x n points")
+        if batch < 1:
+            raise ValueError(f"points per batch must be >= 1 (got {batch})")
+        if min_area < 0:
+            raise ValueError(f"min_region_area must be >= 0 pixels (got {min_area})")
         st = self._current()
         h, w = st.original_size
         grid = sp.point_grid(n) * np.array([w, h], dtype=np.float64)
@@ -258,8 +359,7 @@ class SamPredictor:
             flat_low = low_res.reshape(-1, *low_res.shape[-2:])
             for sub in range(0, len(survivors), 8):  # a few full-size float masks at a time
                 idx = survivors[sub:sub + 8]
-                logits = sp.postprocess_masks(flat_low[idx][None], st.original_size, st.reshaped_size,
-                                              pad_size=self.image_size, binarize=False)[0]
+                logits = self._upscale(flat_low[idx][None], binarize=False)[0]
                 found = sp.filter_candidates(logits, flat_iou[idx], iou_threshold=iou_t, stability_threshold=stab_t,
                                              mask_threshold=self.runtime["mask_threshold"],
                                              stability_offset=ev["stability_offset"])
@@ -267,7 +367,10 @@ class SamPredictor:
                     c.index = start * len(keep_tokens) + int(idx[c.index])  # global: point * 3 + mask
                 candidates.extend(found)
         kept = sp.mask_nms([c.mask for c in candidates], [c.score for c in candidates], nms_t)
-        return sp.order_candidates([candidates[i] for i in kept])
+        candidates = [candidates[i] for i in kept]
+        if min_area > 0:
+            candidates = _clean_small_regions(candidates, min_area, nms_t)
+        return sp.order_candidates(candidates)
 
     # ---- pictures ---------------------------------------------------------------------
 
@@ -275,6 +378,41 @@ class SamPredictor:
         """A PIL image of the current picture with each mask tinted (and numbered from 1)."""
         masks = [c.mask if isinstance(c, Candidate) else c for c in masks_or_candidates]
         return sp.render_overlay(self.image, masks, labels=labels)
+
+
+class Sam2Predictor(SamPredictor):
+    """SAM 2.1 artifacts (runtime.kind "sam2"): the same interface; the manifest says what differs
+    (square resize, high-resolution features into the decoder, padding point after boxes)."""
+
+    KIND = "sam2"
+
+
+PREDICTORS = {cls.KIND: cls for cls in (SamPredictor, Sam2Predictor)}
+
+
+def open_predictor(artifact, **kwargs) -> SamPredictor:
+    """The predictor for a SAM or SAM 2 artifact, picked by its manifest's runtime.kind."""
+    a = art.load(artifact)
+    kind = a.runtime.get("kind")
+    if kind not in PREDICTORS:
+        art.check_kind(a.dir, a.manifest, SamPredictor.KIND)  # the one-line "is a ..., use ..." error
+    return PREDICTORS[kind](a, **kwargs)
+
+
+def _clean_small_regions(candidates: list[Candidate], min_area: int, nms_threshold: float) -> list[Candidate]:
+    """Fill small holes, drop small islands, then NMS again preferring masks the clean-up left unchanged
+    (score 1 vs 0, as segment_anything's AutomaticMaskGenerator.postprocess_small_regions)."""
+    cleaned, prefer = [], []
+    for c in candidates:
+        mask, holes = sp.remove_small_regions(c.mask, min_area, "holes")
+        mask, islands = sp.remove_small_regions(mask, min_area, "islands")
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        cleaned.append(Candidate(c.index, mask, c.score, c.stability, area, sp.mask_to_box(mask)))
+        prefer.append(0.0 if (holes or islands) else 1.0)
+    kept = sp.mask_nms([c.mask for c in cleaned], prefer, nms_threshold)
+    return [cleaned[i] for i in kept]
 
 
 def save_mask_png(mask: np.ndarray, path: str | Path) -> None:

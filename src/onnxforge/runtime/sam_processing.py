@@ -173,6 +173,30 @@ def preprocess(
     return pixel_values, original_size, (new_h, new_w)
 
 
+def preprocess_square(
+    image_rgb,
+    target_size: int = 1024,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """SAM 2's ``pixel_values``: the whole picture stretched to S x S (no padding), normalized.
+
+    As transformers' ``Sam2ImageProcessorFast`` (size {height: S, width: S}, bilinear), with Pillow's
+    bilinear resize instead of torchvision's antialiased one (a ~1/255 difference on some pixels).
+    Returns ``(pixel_values 1x3xSxS, original_size (h, w), reshaped_size (S, S))``; prompt
+    coordinates then scale by S/w and S/h, as ``Sam2Processor._normalize_coordinates`` does.
+    """
+    image = load_rgb(image_rgb)
+    original_size = (int(image.shape[0]), int(image.shape[1]))
+    resized = np.asarray(Image.fromarray(image).resize((target_size, target_size), resample=Image.Resampling.BILINEAR))
+    pixels = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    if mean32.shape != (3,) or std32.shape != (3,):
+        raise ValueError(f"mean and std need 3 values each, got {len(mean32)} and {len(std32)}")
+    pixel_values = np.ascontiguousarray(((pixels - mean32) / std32).transpose(2, 0, 1)[None])
+    return pixel_values, original_size, (target_size, target_size)
+
+
 # ---------------------------------------------------------------------------
 # Prompt coordinates
 # ---------------------------------------------------------------------------
@@ -467,6 +491,82 @@ def mask_nms(masks_bool, scores, iou_threshold: float = 0.7) -> np.ndarray:
         rest = order[rank + 1:]
         suppressed[rank + 1:] |= _box_iou(boxes[i], boxes[rest]) > iou_threshold
     return np.asarray(keep, dtype=np.int64)
+
+
+def _runs(mask: np.ndarray):
+    """Horizontal runs of True pixels: (row, start, end) arrays, end exclusive, row-major order."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)
+    return rows, starts, ends
+
+
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of a bool mask (as cv2.connectedComponentsWithStats(mask, 8)).
+
+    Returns (labels HxW int32, 0 = background and 1..K the components, areas (K+1,) with the
+    background's first). Run-length labelling: one union per pair of touching runs in adjacent
+    rows, so the Python loop is over runs, not pixels.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    rows, starts, ends = _runs(mask)
+    n = len(rows)
+    parent = np.arange(n)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    row_first = np.searchsorted(rows, np.arange(mask.shape[0] + 1))
+    for r in range(1, mask.shape[0]):
+        a0, a1, b0, b1 = row_first[r - 1], row_first[r], row_first[r], row_first[r + 1]
+        i, j = a0, b0
+        while i < a1 and j < b1:
+            # 8-connectivity: runs touch if they overlap once widened by one pixel.
+            if starts[i] <= ends[j] and starts[j] <= ends[i]:
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+            if ends[i] < ends[j]:
+                i += 1
+            else:
+                j += 1
+    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
+    _, component = np.unique(roots, return_inverse=True)  # numbered by first run: row-major, as cv2
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    for k in range(n):
+        labels[rows[k], starts[k]:ends[k]] = component[k] + 1
+    areas = np.bincount(labels.reshape(-1), minlength=(component.max() + 2) if n else 1)
+    return labels, areas
+
+
+def remove_small_regions(mask: np.ndarray, area_threshold: float, mode: str) -> tuple[np.ndarray, bool]:
+    """SAM's automatic mask generator clean-up: fill holes ("holes") or drop islands ("islands")
+    smaller than area_threshold pixels. Returns (mask, changed).
+
+    As segment_anything.utils.amg.remove_small_regions: holes are components of the inverted mask;
+    when every island is small, the largest one is kept.
+    """
+    if mode not in ("holes", "islands"):
+        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
+    mask = np.asarray(mask, dtype=bool)
+    correct_holes = mode == "holes"
+    working = mask ^ correct_holes
+    labels, areas = connected_components(working)
+    sizes = areas[1:]
+    small = [i + 1 for i, s in enumerate(sizes) if s < area_threshold]
+    if not small:
+        return mask, False
+    fill = [0] + small
+    if not correct_holes:
+        fill = [i for i in range(len(areas)) if i not in fill]
+        if not fill:  # every island is small: keep the largest
+            fill = [int(np.argmax(sizes)) + 1]
+    return np.isin(labels, fill), True
 
 
 def order_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:

@@ -102,7 +102,8 @@ def runtime_defaults(r: dict) -> dict:
     """The recipe's runtime section in the manifest's runtime-block shape (added when publishing)."""
     return {"mask_threshold": r["mask_threshold"],
             "everything": {k: r[k] for k in ("points_per_side", "points_per_batch", "pred_iou_threshold",
-                                             "stability_threshold", "stability_offset", "nms_threshold")}}
+                                             "stability_threshold", "stability_offset", "nms_threshold",
+                                             "min_region_area")}}
 
 
 # ---- source -------------------------------------------------------------------

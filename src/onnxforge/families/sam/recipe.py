@@ -45,6 +45,9 @@ class SamRuntimeConfig(Strict):
     stability_threshold: float = Field(default=0.95, le=1.0)
     stability_offset: float = Field(default=1.0, gt=0.0)
     nms_threshold: float = Field(default=0.7, gt=0.0, le=1.0)
+    # Fill holes and drop islands smaller than this many pixels, then NMS again (SAM's AMG
+    # min_mask_region_area; 0 = off, as there).
+    min_region_area: int = Field(default=0, ge=0)
 
 
 class SamFp32Variant(Strict):
