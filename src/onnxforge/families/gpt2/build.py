@@ -443,7 +443,7 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
 
     Memory (issue 10, item 17): the intermediate models keep their weights in an external-data file in a
     scratch folder, so no step holds more than one copy of the fp32 weights and none serializes the whole
-    model into one bytes object; gpt2-medium's stage went from 11.4 to (see docs/benchmarks/build-memory.md).
+    model into one bytes object (figures: docs/benchmarks/build-memory.md).
     """
     import gc
     import shutil
