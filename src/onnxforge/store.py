@@ -305,18 +305,16 @@ class StageProcessFailed(RuntimeError):
 def run_stage(spec: StageSpec, ctx: StageContext) -> None:
     """Run one stage into its content-addressed folder, atomically.
 
-    Every stage but publish runs in a fresh Python process (onnxforge.stage_process): the memory an
-    earlier stage held or fragmented goes back to the system when its process exits, so one build's
-    peak is its largest stage's, not the sum of what accumulated in doit's process (issue 10, item 17),
-    and each stage's recorded peak RSS is its own. Publish only links files and writes the manifest.
+    Every stage runs in a fresh Python process (onnxforge.stage_process): the memory an earlier stage
+    held or fragmented goes back to the system when its process exits, so one build's peak is its
+    largest stage's, not the sum of what accumulated in doit's process (issue 10, item 17), and each
+    stage's recorded peak RSS is its own. Publish too: reading a single-file model's graph for the
+    manifest loads its weights, which doit's process would keep through the next stages.
     """
     target = spec.target(ctx.root)
     out = spec.out_dir(ctx.root)
     if not target.is_file():
-        if spec.publishes:
-            _build_stage(spec, ctx, out)
-        else:
-            _build_stage_in_own_process(spec, ctx)
+        _build_stage_in_own_process(spec, ctx)
     if spec.publishes:  # also when an older version becomes current again
         (out.parent / f".{LATEST}.tmp").write_text(out.name + "\n")
         os.replace(out.parent / f".{LATEST}.tmp", out.parent / LATEST)
