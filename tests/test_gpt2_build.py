@@ -244,3 +244,26 @@ def test_random_source_is_deterministic():
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(weights(), weights())
+
+
+def test_each_stage_runs_in_its_own_process_and_records_its_peak_rss(tiny, loaded):
+    """Issue 10, item 17: every stage runs in a fresh process (the memory of earlier stages is not
+    carried into it) and records that process's peak RSS in its stage.json and the manifest."""
+    import json
+
+    records = {p.parent.name: json.loads(p.read_text())
+               for p in (tiny.artifacts / "gpt2-tiny" / ".stages").glob("*/stage.json")}
+    assert len(records) >= 9  # source, prune, 3 exports, quantize, 4 validates, less any not planned
+    pids = [r["process"]["pid"] for r in records.values()]
+    assert all(r["process"]["own"] for r in records.values()), records
+    assert len(set(pids)) == len(pids), "two stages ran in one process"
+    for name, r in records.items():
+        mib = r["recorded"]["peak_rss_mib"]
+        # each process holds Python + numpy + onnx (+ torch for most): over 30 MiB; a tiny model stays far
+        # under 4 GiB
+        assert 30 < mib < 4096, (name, mib)
+    manifest = loaded["kv-int8"].manifest
+    assert 30 < manifest["stages"][-1]["peak_rss_mib"] < 4096  # publish: its own process too
+    for s in manifest["stages"][:-1]:
+        folder = f"{s['stage']}-{'all' if s['stage'] == 'source' else 'kv' if s['stage'] == 'export' else 'kv-int8'}-{s['digest']}"
+        assert s["peak_rss_mib"] == records[folder]["recorded"]["peak_rss_mib"], s

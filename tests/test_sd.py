@@ -884,3 +884,38 @@ def test_bench_sd_writes_json_table_and_chart(fp32, int8_dynamic, tmp_path):
     assert "unet@64 speedup" in report["ratios"]["int8-dynamic"] and "size_fraction" in report["ratios"]["int8-dynamic"]
     assert "fp32" in (tmp_path / "bench.md").read_text() and "low-memory" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_one_file_per_tensor_export_is_gathered_into_one_data_file(tmp_path):
+    """Issue 10, item 17: the TorchScript exporter's one-file-per-tensor output (a model over 2 GB) becomes
+    model + one .data file tensor by tensor, with the same weights (the full-size UNet no longer loads whole)."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from onnxforge.families.sd.export import save_with_one_data_file
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 32), dtype=np.float32), rng.standard_normal((32, 8), dtype=np.float32)
+    small = np.float32([0.5, -1.0])  # under the threshold: stays inline
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+         helper.make_node("Mul", ["y0", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.resize(small, 8), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "scratch").mkdir()
+    onnx.save_model(model, str(tmp_path / "scratch" / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    assert len(list((tmp_path / "scratch").iterdir())) == 3  # model + w1 + w2 (s is 32 bytes: inline)
+
+    save_with_one_data_file(tmp_path / "scratch" / "model.onnx", tmp_path / "unet.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch", "unet.onnx", "unet.onnx.data"]
+    shutil.rmtree(tmp_path / "scratch")  # nothing may still point there
+    loaded = onnx.load(str(tmp_path / "unet.onnx"))
+    weights = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    assert np.array_equal(weights["w1"], w1) and np.array_equal(weights["w2"], w2)
+    x = rng.standard_normal((2, 64), dtype=np.float32)
+    y = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, (x @ w1 @ w2) * np.resize(small, 8), rtol=1e-5, atol=1e-5)

@@ -90,3 +90,16 @@ def test_killed_build_leaves_no_complete_looking_artifact_and_next_build_succeed
     published = art.load(project.artifacts / "quick" / "kv")
     assert published.manifest["validation"]["passed"]
     assert not list(stages.glob(".tmp-*")), "stale temporary folders were not cleaned"
+
+
+def test_peak_rss_counts_the_processes_a_stage_starts():
+    """Issue 10, item 17: a stage's peak includes what its child processes hold (300 MiB here)."""
+    from onnxforge.store import peak_rss
+
+    hold = "b = b'x' * (300 * 2**20); import time; time.sleep(1.0)"  # touched pages: resident
+    with peak_rss(interval=0.02) as own:
+        pass
+    with peak_rss(interval=0.02) as peak:
+        subprocess.run([sys.executable, "-c", hold], check=True)
+    assert peak[0] - own[0] > 250 * 2**20, (own[0], peak[0])
+

@@ -12,7 +12,7 @@ def dynamic_int8(src: Path, dst: Path, op_types=("MatMul",), per_channel=False, 
     """Dynamic int8: weights stored int8, activations quantized on the fly (u8)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    total = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))
+    total = _model_bytes(src)
     # Dynamic mode first rewrites every Gemm as a MatMul named "<gemm>_MatMul" (+ Add) and only then
     # applies nodes_to_exclude, so an excluded Gemm (the UNet's time embedding) would be quantized anyway.
     excluded = [*nodes_to_exclude, *(f"{n}_MatMul" for n in nodes_to_exclude)]
@@ -126,7 +126,10 @@ def activation_matmuls(model_path: Path) -> list[str]:
 
 
 def _model_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    """An ONNX file's size with the external-data files it names (whatever their names)."""
+    from .store import onnx_files
+
+    return sum(p.stat().st_size for p in onnx_files(path))
 
 
 def calibrate_ranges(src: Path, reader, cache: Path, op_types, method: str = "MinMax",

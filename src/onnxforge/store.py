@@ -298,12 +298,23 @@ def stage_chain(spec: StageSpec) -> list[StageSpec]:
     return list(seen.values())
 
 
+class StageProcessFailed(RuntimeError):
+    """A stage's own process failed without a one-line reason (its traceback is printed above) or was killed."""
+
+
 def run_stage(spec: StageSpec, ctx: StageContext) -> None:
-    """Run one stage into its content-addressed folder, atomically."""
+    """Run one stage into its content-addressed folder, atomically.
+
+    Every stage runs in a fresh Python process (onnxforge.stage_process): the memory an earlier stage
+    held or fragmented goes back to the system when its process exits, so one build's peak is its
+    largest stage's, not the sum of what accumulated in doit's process (issue 10, item 17), and each
+    stage's recorded peak RSS is its own. Publish too: reading a single-file model's graph for the
+    manifest loads its weights, which doit's process would keep through the next stages.
+    """
     target = spec.target(ctx.root)
     out = spec.out_dir(ctx.root)
     if not target.is_file():
-        _build_stage(spec, ctx, out)
+        _build_stage_in_own_process(spec, ctx)
     if spec.publishes:  # also when an older version becomes current again
         (out.parent / f".{LATEST}.tmp").write_text(out.name + "\n")
         os.replace(out.parent / f".{LATEST}.tmp", out.parent / LATEST)
@@ -320,7 +331,52 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
+def _build_stage_in_own_process(spec: StageSpec, ctx: StageContext) -> None:
+    """Run `python -m onnxforge.stage_process` on this stage and wait; its failure is raised here.
+
+    An expected failure (a ValidationFailed, a missing file, ...) comes back pickled and is raised as it
+    is, so the caller reports it in one line as before; anything else was printed with its traceback by
+    the child and becomes a StageProcessFailed.
+    """
+    import pickle
+    import signal
+    import subprocess
+    import tempfile
+
+    name = f"{spec.stage}:{spec.task_name}"
+    with tempfile.TemporaryDirectory(prefix="onnxforge-stage-") as tmp:
+        job = Path(tmp) / "job.pickle"
+        job.write_bytes(pickle.dumps((spec, ctx)))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "onnxforge.stage_process", str(job)])
+        try:
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C reaches the child too: give it time to remove its temporary folder
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        error = job.with_suffix(".error")
+        if rc == 0:
+            return
+        if error.is_file():
+            raise pickle.loads(error.read_bytes())
+        if rc < 0:
+            sig = signal.Signals(-rc).name
+            hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -rc == signal.SIGKILL else ""
+            raise StageProcessFailed(f"{name}: its process was killed by {sig}{hint}")
+        raise StageProcessFailed(f"{name}: its process exited with code {rc} (its traceback is printed above)")
+
+
+def _build_stage(spec: StageSpec, ctx: StageContext, out: Path, own_process: bool = False) -> None:
+    """Run the family's stage function into a temporary folder, record time and peak RSS, publish atomically.
+
+    own_process: this process runs only this stage (onnxforge.stage_process), so the kernel's lifetime
+    maximum RSS (exact, not sampled) belongs to the stage and counts too.
+    """
     import contextlib
     import io
     import time
@@ -331,7 +387,7 @@ def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
     with atomic_dir(out) as tmp:
         chatter = io.StringIO()  # library prints (e.g. torch.onnx's progress) go here, shown only on failure
         try:
-            with contextlib.redirect_stdout(chatter), peak_rss() as peak:
+            with contextlib.redirect_stdout(chatter), peak_rss(lifetime=own_process) as peak:
                 record = stage_function(spec)(spec, tmp, ctx) or {}
         except BaseException:
             sys.stdout.write(chatter.getvalue()[-4000:])
@@ -343,26 +399,46 @@ def _build_stage(spec: StageSpec, ctx: StageContext, out: Path) -> None:
             write_json_atomic(tmp / MANIFEST, manifest)  # last: its presence means complete
         else:
             write_json_atomic(tmp / STAGE_MARKER, {"stage": spec.stage, "digest": spec.digest,
-                                                   "params": spec.params.model_dump(mode="json"), **record})
+                                                   "params": spec.params.model_dump(mode="json"),
+                                                   "process": {"pid": os.getpid(), "own": own_process}, **record})
     print(f"   {spec.stage}:{spec.task_name} done in {seconds:.1f} s, peak RSS {peak[0] / 2**30:.2f} GiB -> {out}")
 
 
+def _lifetime_peak_rss() -> int:
+    """getrusage's maximum RSS of this process and of its waited-for children, in bytes (Linux: KiB units)."""
+    import resource
+
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return kib * 1024 if sys.platform != "darwin" else kib
+
+
 @contextmanager
-def peak_rss(interval: float = 0.05):
-    """The peak resident memory of this process while the block runs, in bytes (`with peak_rss() as p: ...;
-    p[0]`). Sampled: doit runs every stage in one process, so getrusage's lifetime maximum cannot tell
-    stages apart. Spikes shorter than the interval can be missed."""
+def peak_rss(interval: float = 0.05, lifetime: bool = False):
+    """The peak resident memory while the block runs, in bytes (`with peak_rss() as p: ...; p[0]`): this
+    process plus any processes it starts, sampled every `interval` s (spikes shorter than that can be
+    missed). lifetime: also the kernel's exact maximum for this process's whole life, right when it runs
+    one stage only."""
     import threading
 
     import psutil
 
     proc = psutil.Process()
-    peak = [proc.memory_info().rss]
+
+    def rss() -> int:
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:  # it ended between the listing and the reading
+                pass
+        return total
+
+    peak = [rss()]
     stop = threading.Event()
 
     def sample():
         while not stop.wait(interval):
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], rss())
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -371,7 +447,7 @@ def peak_rss(interval: float = 0.05):
     finally:
         stop.set()
         thread.join()
-        peak[0] = max(peak[0], proc.memory_info().rss)
+        peak[0] = max(peak[0], rss(), _lifetime_peak_rss() if lifetime else 0)
 
 
 def build_manifest(spec: StageSpec, ctx: StageContext, out: Path, record: dict) -> dict:

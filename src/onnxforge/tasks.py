@@ -61,11 +61,12 @@ def _run(spec: StageSpec, ctx: StageContext):
     from doit.exceptions import TaskFailed
 
     from .sources import SourceError
-    from .store import ValidationFailed
+    from .store import StageProcessFailed, ValidationFailed
 
     try:
         run_stage(spec, ctx)
-    except (SourceError, ValidationFailed, RecipeError, FileNotFoundError, NotImplementedError) as exc:
+    except (SourceError, ValidationFailed, RecipeError, FileNotFoundError, NotImplementedError,
+            StageProcessFailed) as exc:
         return TaskFailed(f"{spec.stage}:{spec.task_name}: {exc}")
 
 

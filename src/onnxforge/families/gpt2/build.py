@@ -532,15 +532,31 @@ def fuse_for_cpu(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict
 
     model_type "bert", not "gpt2": the gpt2 profile crashes on the dynamo export (STACK-NOTES).
     opt_level 0: only the fusions, no onnxruntime rewrites tied to this machine's CPU.
+    The model is handed over as a proto loaded without its external data: the fusions read only small
+    constants (kept inline), so the weights stay on disk. `dst` must be in `src`'s folder, where the
+    external data's relative locations point; weights still inline in `src` go to `dst`'s own data file.
     """
+    import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
-    optimized.save_model_to_file(str(dst))
+    if src.parent.resolve() != dst.parent.resolve():
+        raise ValueError(f"fuse_for_cpu: {dst} must be beside {src} (its external data is named relative to it)")
+    proto = onnx.load(str(src), load_external_data=False)
+    optimized = optimize_model(proto, model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    optimized.save_model_to_file(str(dst), use_external_data_format=True)
     return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
 
 
 def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    """Materialize the lm_head weight, fuse, quantize: each step reads the previous one's file by path.
+
+    Memory (issue 10, item 17): the intermediate models keep their weights in an external-data file in a
+    scratch folder, so no step holds more than one copy of the fp32 weights and none serializes the whole
+    model into one bytes object (figures: docs/benchmarks/build-memory.md).
+    """
+    import gc
+    import shutil
+
     import onnx
 
     from ...quantize import dynamic_int8
@@ -548,22 +564,30 @@ def quantize_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     src = ctx.upstream_dir(spec, "export")
     p = spec.params
     recorded = {"fp32_bytes": (src / "model.onnx").stat().st_size}
-    model = src / "model.onnx"
-    if p.quantize_lm_head:
-        proto = onnx.load(str(model))
-        recorded["materialized_weights"] = materialize_transposed_weights(proto)
-        model = out / "fp32-prepared.onnx"
-        onnx.save(proto, str(model))
-        del proto
-    if p.fuse:
-        config = json.loads((model_dir_of(ctx, spec, "export") / "config.json").read_text())
-        fused = out / "fp32-fused.onnx"
-        recorded["fused"] = fuse_for_cpu(model, fused, config["n_head"], config["n_embd"])
-        model = fused
-    dynamic_int8(model, out / "model.onnx", op_types=list(p.op_types),
-                 per_channel=p.per_channel, reduce_range=p.reduce_range)
-    for tmp in out.glob("fp32-*.onnx"):
-        tmp.unlink()
+    work = out / ".work"
+    work.mkdir()
+    try:
+        model = src / "model.onnx"
+        if p.quantize_lm_head or p.fuse:  # a copy with external data in the scratch folder
+            proto = onnx.load(str(model))
+            if p.quantize_lm_head:
+                recorded["materialized_weights"] = materialize_transposed_weights(proto)
+            model = work / "fp32.onnx"
+            # writes each weight out and drops it from the proto: no whole-model serialization
+            onnx.save_model(proto, str(model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="fp32.onnx.data", size_threshold=1024)
+            del proto
+            gc.collect()
+        if p.fuse:
+            config = json.loads((model_dir_of(ctx, spec, "export") / "config.json").read_text())
+            fused = work / "fused.onnx"
+            recorded["fused"] = fuse_for_cpu(model, fused, config["n_head"], config["n_embd"])
+            model = fused
+            gc.collect()
+        dynamic_int8(model, out / "model.onnx", op_types=list(p.op_types),
+                     per_channel=p.per_channel, reduce_range=p.reduce_range)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     for name in (TOKENIZER, *HF_FILES):
         link_or_copy(src / name, out / name)
     recorded["int8_bytes"] = (out / "model.onnx").stat().st_size
@@ -630,7 +654,8 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     ref_dir = Path(export_rec["model_dir"])
     config = json.loads((ref_dir / "config.json").read_text())
     context = config["n_positions"]
-    lm = CausalLM(make_session(out / "model.onnx"), context)
+    # low_memory: no onnxruntime arena, which keeps freed buffers and raises peak RSS with no speed gain here
+    lm = CausalLM(make_session(out / "model.onnx", low_memory=True), context)
     window = min(p.eval_window, context)
     if p.world:
         held_out = "\n".join(world_lines(p.world, p.world["eval_seed"]))
@@ -643,7 +668,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     results: dict = {"checks": checks}
 
     if "vs_fp32" in checks_to_run:
-        fp32 = CausalLM(make_session(ctx.upstream_dir(spec, "export") / "model.onnx"), context)
+        fp32 = CausalLM(make_session(ctx.upstream_dir(spec, "export") / "model.onnx", low_memory=True), context)
         agree, cos = [], []
         for start in range(0, len(eval_ids) - 1, window):
             chunk = eval_ids[start:start + window]

@@ -37,7 +37,6 @@ def _fix_output_dims(path: Path, name: str, info: dict, batch: int, width: int, 
 
 def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.ndarray) -> None:
     """torch.onnx.export (TorchScript) of one submodule, then saved with one external-data file if needed."""
-    import onnx
     import torch
 
     width, height = p.parity.sizes[0]
@@ -65,10 +64,7 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
                          dynamic_axes(name, p.dynamic_batch, p.dynamic_size))
         n_bytes = sum(f.stat().st_size for f in scratch.iterdir())
         if p.external_data == "always" or n_bytes > EXTERNAL_DATA_BYTES:
-            model = onnx.load(str(scratch / "model.onnx"))  # gathers the exporter's one-file-per-tensor data
-            onnx.save_model(model, str(out / FILES[name]), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=FILES[name] + ".data", size_threshold=1024)
-            del model
+            save_with_one_data_file(scratch / "model.onnx", out / FILES[name])
         else:
             (scratch / "model.onnx").rename(out / FILES[name])
     finally:
@@ -76,24 +72,58 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
         gc.collect()
 
 
-def parity(name: str, module, session, info: dict, p: dict, token_ids: np.ndarray) -> dict:
-    """Max abs diff ONNX vs PyTorch at every validate size, batch 2 then 1 (one size, one batch if fixed)."""
+def save_with_one_data_file(src: Path, dst: Path, size_threshold: int = 1024) -> None:
+    """Rewrite an exported model as `dst` + one `dst.data` file, one tensor in memory at a time.
+
+    The TorchScript exporter writes a model over 2 GB with one file per tensor; onnx.load + save_model
+    would hold every weight at once (3.3 GB for the SD v1.4 UNet) beside the PyTorch module.
+    Tensors of size_threshold bytes or more go to the data file, as onnx.save_model(size_threshold=...) does.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, set_external_data, uses_external_data
+
+    proto = onnx.load(str(src), load_external_data=False)
+    location = dst.name + ".data"
+    with open(dst.parent / location, "wb") as data:
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, str(src.parent))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= size_threshold:
+                offset = data.tell()
+                data.write(tensor.raw_data)
+                set_external_data(tensor, location, offset=offset, length=len(tensor.raw_data))
+                tensor.ClearField("raw_data")
+    onnx.save(proto, str(dst))
+
+
+def reference_outputs(name: str, module, info: dict, p: dict, token_ids: np.ndarray) -> list[tuple]:
+    """(size, batch, inputs, PyTorch outputs) at every validate size, batch 2 then 1 (one of each if fixed):
+    computed before the ONNX session opens, so the module and the session are never in memory together."""
     import torch
 
     batches = [2, 1] if p.dynamic_batch else [2 if SUBMODULES[name].cfg_batch else 1]
     sizes = p.parity.sizes if name != "text_encoder" else p.parity.sizes[:1]
-    worst, runs = 0.0, []
+    runs = []
     for width, height in sizes:
         for batch in batches:
             inputs = example_inputs(name, info, batch, width, height, token_ids, seed=1 + batch)
             with torch.no_grad():
                 ref = module(*(torch.from_numpy(v) for v in inputs.values()))
-            ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
-            ours = session.run(None, inputs)
-            diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
-            scale = max(float(np.abs(r).max()) for r in ref)
-            runs.append({"size": [width, height], "batch": batch, "max_abs_diff": diff, "output_max_abs": scale})
-            worst = max(worst, diff)
+            runs.append(([width, height], batch, inputs, [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]))
+    return runs
+
+
+def parity(references: list[tuple], session) -> dict:
+    """Max abs diff ONNX vs PyTorch over reference_outputs' runs."""
+    worst, runs = 0.0, []
+    for size, batch, inputs, ref in references:
+        ours = session.run(None, inputs)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(ours, ref))
+        scale = max(float(np.abs(r).max()) for r in ref)
+        runs.append({"size": size, "batch": batch, "max_abs_diff": diff, "output_max_abs": scale})
+        worst = max(worst, diff)
     return {"max_abs_diff": worst, "runs": runs}
 
 
@@ -137,11 +167,14 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     for name, sub in SUBMODULES.items():
         module = sub.torch_module(model_dir, p.fused_attention)
         export_one(name, module, info, out, p, token_ids)
+        references = reference_outputs(name, module, info, p, token_ids)
+        del module  # before the session loads the weights again (issue 10, item 17)
+        gc.collect()
         session = make_session(out / FILES[name], low_memory=True)
-        parities[name] = parity(name, module, session, info, p, token_ids)
+        parities[name] = parity(references, session)
         parities[name]["atol"] = getattr(p.parity.atol, name)
         sizes[name] = component_bytes(out, FILES[name])
-        del module, session
+        del references, session
         gc.collect()
     failed = [f"{n}: max abs diff {r['max_abs_diff']:.3g} > {r['atol']:g}" for n, r in parities.items()
               if not r["max_abs_diff"] <= r["atol"]]
