@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +70,7 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
                                                             prompts_sha256=sha256_or_missing(project_dir / cal.prompts)),
                          [source], doc="UNet/text/VAE inputs along full denoising trajectories of the calibration prompts")
     validates: dict[str, StageSpec] = {}
+    quants: dict[str, StageSpec] = {}  # variants that differ only in the VAE they ship share one quantize stage
     for name, v in body.variants.items():
         quantized = v.quantized()
         if not quantized:
@@ -76,8 +78,11 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
                                    "record parity")
             continue
         subs = {k: quant_params(getattr(v, k)) for k in SUBMODULES}
-        quant = spec("quantize", name, QuantizeParams(submodules=subs), [export, calibrate],
-                     doc=", ".join(f"{k} {q.mode}" for k, q in quantized.items()))
+        key = json.dumps(subs, sort_keys=True)
+        if key not in quants:
+            quants[key] = spec("quantize", name, QuantizeParams(submodules=subs), [export, calibrate],
+                               doc=", ".join(f"{k} {q.mode}" for k, q in quantized.items()))
+        quant = quants[key]
         floors = {"submodules": {k: {"min_cosine": q.min_cosine, "min_snr_db": q.min_snr_db} for k, q in quantized.items()},
                   "min_psnr_db": v.min_psnr_db, "min_ssim": v.min_ssim, "min_clip_score": v.min_clip_score}
         validates[name] = spec("validate", name, ValidateParams(checks=("vs_fp32",), quality=body.quality, floors=floors,
