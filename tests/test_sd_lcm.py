@@ -266,3 +266,101 @@ def test_bad_fast_path_recipe_is_one_line(tmp_path, body, match):
     with pytest.raises(RecipeError, match=match) as info:
         load_recipe(path)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+# ---- part 6: imagine and the demo take the fast path; steps and strength limits --------------------
+
+
+def _fake_sd(root, recipe, created, runtime):
+    vdir = root / recipe / "fp32" / "v1"
+    vdir.mkdir(parents=True)
+    manifest = {"schema_version": art.SCHEMA_VERSION, "runtime": {"kind": "sd", **runtime}, "validation": {"passed": True},
+                "benchmark": None, "components": {},
+                "artifact": {"recipe": recipe, "variant": "fp32", "version": "v1", "created": created}}
+    (vdir / art.MANIFEST).write_text(json.dumps(manifest))
+    (root / recipe / "fp32" / art.LATEST).write_text("v1")
+
+
+def test_demo_chooses_the_fast_path_when_one_is_built(tmp_path):
+    from onnxforge.runtime.demo import choose_artifact, fast_path_recipe
+
+    _fake_sd(tmp_path, "sd-fast", "2026-01-01T00:00:00", {"scheduler": "lcm", "unet_batch": 1})
+    _fake_sd(tmp_path, "sd-classic", "2026-02-01T00:00:00", {"scheduler": "pndm", "unet_batch": 2})
+    c = choose_artifact("image", tmp_path)
+    assert c.recipe == "sd-fast" and "newest built fast-path Stable Diffusion recipe (LCM, one-pass guidance)" in c.why
+    assert fast_path_recipe(tmp_path) == "sd-fast"
+    assert choose_artifact("image", tmp_path, "sd-classic").recipe == "sd-classic"  # an explicit choice still wins
+    (tmp_path / "sd-fast" / "fp32" / art.LATEST).unlink()
+    assert choose_artifact("image", tmp_path).recipe == "sd-classic" and fast_path_recipe(tmp_path) is None
+
+
+def test_imagine_takes_the_fast_path_by_default_with_the_manifest_settings(sd_tiny_lcm, lcm, tmp_path):
+    out = tmp_path / "fast.png"
+    proc = run_cli("imagine", "a red fox in snow", "--artifacts", str(sd_tiny_lcm.artifacts), "--seed", "3",
+                   "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["artifact"] == str(lcm.dir)
+    assert (record["scheduler"], record["steps"], record["guidance_scale"]) == ("lcm", 4, 1.0)
+    assert record["timings"]["unet_steps"] == 4
+    again = StableDiffusion(lcm).generate("a red fox in snow", seed=3)
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(again.image))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--steps", "0"], r"steps must be a whole number from 1 to 8, got 0"),
+    (["--steps", "9"], r"steps must be a whole number from 1 to 8, got 9"),
+])
+def test_lcm_steps_outside_one_to_eight_are_one_line(lcm, tmp_path, args, match):
+    proc = run_cli("imagine", "a fox", "--artifact", str(lcm.dir), *args, "--out", str(tmp_path / "x.png"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and re.search(match, lines[0]), proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("steps", [1, 8])
+def test_lcm_takes_one_to_eight_steps(lcm, steps):
+    g = StableDiffusion(lcm).generate(PROMPT, seed=1, steps=steps)
+    assert g.timings["unet_steps"] == steps and np.isfinite(g.pixels).all()
+
+
+@pytest.fixture(scope="module")
+def fast_sd(lcm):
+    return StableDiffusion(lcm)
+
+
+def test_generative_edit_on_the_fast_path(fast_sd):
+    """img2img with a strength on the LCM + TAESD path (TAESD's encoder, one-pass UNet): strength 0.5 of 4 LCM
+    steps runs 2; outside the mask the picture comes back byte-identical."""
+    base = fast_sd.generate(PROMPT, seed=4)
+    rgb = np.asarray(base.image)
+    mask = np.zeros(rgb.shape[:2], bool)
+    mask[16:48, 16:48] = True
+    edited = fast_sd.edit(rgb, mask, "a red boat", strength=0.5, seed=2)
+    assert edited.settings["scheduler"] == "lcm" and edited.settings["denoising_steps"] == 2
+    out = np.asarray(edited.image)
+    assert np.array_equal(out[~mask], rgb[~mask])
+    assert np.abs(out[mask].astype(int) - rgb[mask]).max() > 0
+
+
+@pytest.mark.parametrize("strength", [0, -0.1, 1.5, float("nan")])
+def test_strength_outside_zero_one_is_refused(fast_sd, strength):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    mask = np.ones((64, 64), bool)
+    with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]") as info:
+        fast_sd.edit(rgb, mask, "a boat", strength=strength)
+    assert "\n" not in str(info.value)
+
+
+def test_fast_path_runtime_imports_no_torch(lcm, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom onnxforge.runtime.sd import StableDiffusion\n"
+            f"StableDiffusion({str(lcm.dir)!r}, low_memory=True).generate('a fox', seed=1).save({str(tmp_path / 'x.png')!r})\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'peft') if m in sys.modules)\n"
+            "sys.exit(f'imported {heavy}' if heavy else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
