@@ -364,3 +364,19 @@ def test_fast_path_runtime_imports_no_torch(lcm, tmp_path):
             "sys.exit(f'imported {heavy}' if heavy else 0)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_shipped_fast_path_recipes_load():
+    from onnxforge.config import load_recipes
+
+    recipes = load_recipes(REPO / "recipes")
+    tiny = recipes["sd-tiny-lcm"].body
+    assert tiny.default is True and tiny.runtime.scheduler == "lcm" and tiny.runtime.max_steps == 8
+    rand = recipes["sd-v1-4-lcm-random"].body
+    assert rand.source.random.config == "sd-v1-4" and rand.source.lora.random.rank == 64
+    assert rand.source.lora.random.alpha == 64 and len(rand.source.lora.random.target_modules) == 14
+    assert rand.source.taesd.random.config == {} and rand.runtime.guidance_scale == 1.0
+    assert {v.vae for v in rand.variants.values()} == {"sd", "taesd"}
+    real = recipes["sd-v1-4-lcm"].body
+    assert real.source.hub.revision == "133a221b8aa7292a167afc5127cb63fb5005638b"
+    assert real.source.lora.hub.repo == "latent-consistency/lcm-lora-sdv1-5" and real.source.taesd.hub.repo == "madebyollin/taesd"
