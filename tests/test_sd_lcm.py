@@ -380,3 +380,31 @@ def test_shipped_fast_path_recipes_load():
     real = recipes["sd-v1-4-lcm"].body
     assert real.source.hub.revision == "133a221b8aa7292a167afc5127cb63fb5005638b"
     assert real.source.lora.hub.repo == "latent-consistency/lcm-lora-sdv1-5" and real.source.taesd.hub.repo == "madebyollin/taesd"
+
+
+def test_demo_takes_the_fast_path_and_edits_on_it(sam_tiny, sd_tiny_lcm, lcm, tmp_path):
+    """The demo with the fast path built: LCM picture (manifest defaults) and a generative edit with a strength,
+    both on the one-pass UNet + TAESD; a strength outside (0, 1] is one line."""
+    from PIL import Image
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    for project, recipe in ((sam_tiny, "sam-tiny"), (sd_tiny_lcm, "sd-tiny-lcm")):
+        (root / recipe).symlink_to(project.artifacts / recipe, target_is_directory=True)
+    args = ["demo", "--artifacts", str(root), "--no-progress", "--prompt", "a red boat on a lake", "--point", "20,20",
+            "--edit", "replace it with a white cat", "--seed", "3"]
+    proc = run_cli(*args, "--strength", "0.5", "--out", str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr
+    run = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    record = json.loads((run / "run.json").read_text())
+    image = record["artifacts"]["image"]
+    assert image["recipe"] == "sd-tiny-lcm" and "fast-path" in image["why"]
+    assert (record["steps"], record["scheduler"], record["guidance_scale"]) == (4, "lcm", 1.0)
+    assert record["edit"]["kind"] == "generate" and record["edit"]["strength"] == 0.5
+    assert record["edit"]["denoising_steps"] == 2
+    picture, edited = (np.asarray(Image.open(run / n)) for n in ("image.png", "edited.png"))
+    mask = np.asarray(Image.open(run / "mask.png")) > 0
+    np.testing.assert_array_equal(edited[~mask], picture[~mask])
+    bad = run_cli(*args, "--strength", "1.5", "--out", str(tmp_path / "bad"))
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "--strength 1.5: must be in (0, 1]" in lines[0], bad.stderr
