@@ -100,6 +100,12 @@ def sd_tiny(tmp_path_factory) -> Project:
     return built_project(tmp_path_factory, "sd-project", ["sd-tiny"])
 
 
+@pytest.fixture(scope="session")
+def sd_tiny_lcm(tmp_path_factory) -> Project:
+    """The shipped sd-tiny-lcm recipe: the fast path (fused LoRA, one-pass UNet, LCM, TAESD)."""
+    return built_project(tmp_path_factory, "sd-lcm-project", ["sd-tiny-lcm"])
+
+
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxforge.cli", *args], capture_output=True, text=True,
                           env=env or dict(os.environ, PYTHONWARNINGS="ignore"))

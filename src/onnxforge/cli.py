@@ -360,7 +360,11 @@ def _imagine(args) -> int:
 
     from .runtime.sd import StableDiffusion
 
-    artifact = args.artifact or str(Path(args.artifacts) / args.recipe / args.variant)
+    from .runtime.demo import fast_path_recipe
+
+    # No recipe named: the fast path (LCM, one-pass guidance) when one is built, else the classic default.
+    recipe = args.recipe or fast_path_recipe(args.artifacts) or DEFAULT_SD_RECIPE
+    artifact = args.artifact or str(Path(args.artifacts) / recipe / args.variant)
     out = _output_file(args.out)
     width = height = None
     if args.size is not None:
@@ -575,13 +579,14 @@ def parser() -> argparse.ArgumentParser:
                "Prompts longer than the text encoder reads (75 tokens) are truncated with a warning.")
     im.add_argument("prompt", nargs="+", help="what to draw")
     im.add_argument("--negative", default="", help="what to steer away from (used with guidance > 1)")
-    im.add_argument("--steps", type=int, help="denoising steps (default: the manifest's)")
+    im.add_argument("--steps", type=int, help="denoising steps (default: the manifest's; LCM artifacts take 1-8)")
     im.add_argument("--size", help="WIDTHxHEIGHT or one number for a square, multiples of 8 (default: the manifest's)")
     im.add_argument("--scheduler", help="pndm, ddim, euler, dpm++2m or lcm (default: the manifest's)")
     im.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 turns it off (default: the manifest's)")
     im.add_argument("--seed", type=int, help="random seed: the same seed and settings give the same picture (default: random)")
     im.add_argument("--variant", default="fp32", help="artifact variant under artifacts/<recipe>/ (default: fp32)")
-    im.add_argument("--recipe", default=DEFAULT_SD_RECIPE, help=f"recipe name (default: {DEFAULT_SD_RECIPE})")
+    im.add_argument("--recipe", help=f"recipe name (default: the newest built fast-path recipe, e.g. sd-tiny-lcm, "
+                                     f"else {DEFAULT_SD_RECIPE})")
     im.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
     im.add_argument("--artifact", help="variant or version folder; overrides --recipe/--variant")
     im.add_argument("--out", default="image.png", help="PNG to write (default: image.png)")

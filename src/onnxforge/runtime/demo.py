@@ -37,7 +37,8 @@ import numpy as np
 from . import artifact as art
 from . import edits as ed
 
-__all__ = ["Demo", "Choice", "choose_artifact", "ROLES", "load_run", "RunFileError"]
+__all__ = ["Demo", "Choice", "choose_artifact", "fast_path_recipe", "is_fast_path", "ROLES", "load_run",
+           "RunFileError"]
 
 RUN_SCHEMA = 1
 
@@ -155,14 +156,33 @@ def choose_artifact(role: str, root: str | Path = "artifacts", explicit: str | P
     timed = [r for r in rows if (r[1].get("validation") or {}).get("passed") and _metric(r[1], path) is not None]
     if spec.get("across_recipes") and timed:
         return _pick_variant(role, timed, "fastest validated variant built, of every recipe with a recorded benchmark")
-    newest = max(rows, key=lambda r: r[1]["artifact"].get("created", ""))[1]["artifact"]["recipe"]
-    recipes = sorted({m["artifact"]["recipe"] for _, m in rows})
-    why = f"newest built {spec['label']} recipe" + (f" of {', '.join(recipes)}" if len(recipes) > 1 else "")
+    # A fast-path recipe (e.g. LCM with one-pass guidance) wins over the others when one is built.
+    fast = [(d, m) for d, m in rows if is_fast_path(m)]
+    pool = fast or rows
+    newest = max(pool, key=lambda r: r[1]["artifact"].get("created", ""))[1]["artifact"]["recipe"]
+    recipes = sorted({m["artifact"]["recipe"] for _, m in pool})
+    kind = f"fast-path {spec['label']} recipe ({FAST_PATH_WHY})" if fast else f"{spec['label']} recipe"
+    why = f"newest built {kind}" + (f" of {', '.join(recipes)}" if len(recipes) > 1 else "")
     return _pick_variant(role, [(d, m) for d, m in rows if m["artifact"]["recipe"] == newest], why)
 
 
 def _kinds(role: str) -> tuple:
     return tuple(ROLES[role].get("kinds", (ROLES[role]["kind"],)))
+
+
+FAST_PATH_WHY = "LCM, one-pass guidance"
+
+
+def is_fast_path(manifest: dict) -> bool:
+    """An SD artifact made for few-step pictures: LCM by default and a batch-1 UNet (no negative pass)."""
+    rt = manifest.get("runtime") or {}
+    return rt.get("kind") == "sd" and rt.get("scheduler") == "lcm" and rt.get("unet_batch") == 1
+
+
+def fast_path_recipe(root: str | Path) -> str | None:
+    """The newest built fast-path SD recipe under root (imagine's default when one is built), or None."""
+    fast = [m for _, m in _built(Path(root)) if is_fast_path(m) and (m.get("validation") or {}).get("passed")]
+    return max(fast, key=lambda m: m["artifact"].get("created", ""))["artifact"]["recipe"] if fast else None
 
 
 def _check_kind(role: str, vdir: Path, m: dict) -> None:

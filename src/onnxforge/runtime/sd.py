@@ -7,7 +7,8 @@
 
 Everything model-specific comes from the artifact's manifest `runtime` block: tokenizer file and
 special token ids, scheduler_config.json (PNDM, DDIM, Euler, DPM-Solver++ 2M and LCM are built from
-it, see schedulers.py), VAE scale and scaling factor, latent channels, supported sizes and defaults.
+it, see schedulers.py), VAE scale and scaling factor (TAESD's is 1.0, the SD VAE's 0.18215), latent
+channels, the UNet's batch (1: one-pass guidance, no negative prompt), supported sizes and defaults.
 
 The loop is diffusers' StableDiffusionPipeline: CLIP tokens (padded to 77) -> text encoder, once for
 the prompt and once for the negative prompt; latents ~ N(0, I) from the seed, times the scheduler's
@@ -250,6 +251,13 @@ class StableDiffusion:
             raise ValueError(f"guidance scale must be a number from 0 to 50 (<= 1 turns guidance off), got {g!r}")
         return float(g)
 
+    def check_one_pass(self, guidance_scale: float) -> None:
+        """A UNet exported for batch 1 (one-pass guidance: LCM at guidance 1) has no negative-prompt pass."""
+        if guidance_scale > 1.0 and int(self.runtime.get("unet_batch", 2)) == 1:
+            raise ValueError(f"guidance scale {guidance_scale:g} > 1 needs a negative-prompt pass, but this artifact's "
+                             f"UNet runs the prompt alone (one-pass, batch 1): use --guidance 1 or a classifier-free "
+                             f"guidance artifact such as sd-tiny")
+
     # ---- the pipeline ------------------------------------------------------------------------
 
     def encode_prompts(self, prompt: str, negative_prompt: str, guidance: bool) -> tuple[np.ndarray, dict]:
@@ -331,6 +339,7 @@ class StableDiffusion:
         steps = self.check_steps(rt["steps"] if steps is None else steps)
         scheduler = self.check_scheduler(rt["scheduler"] if scheduler is None else scheduler)
         guidance_scale = self.check_guidance(rt["guidance_scale"] if guidance_scale is None else guidance_scale)
+        self.check_one_pass(guidance_scale)
         width, height = self.check_size(rt["width"] if width is None else width, rt["height"] if height is None else height)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % 2**32)
@@ -411,6 +420,7 @@ class StableDiffusion:
         steps = self.check_steps(rt["steps"] if steps is None else steps)
         scheduler = self.check_scheduler(rt["scheduler"] if scheduler is None else scheduler)
         guidance_scale = self.check_guidance(rt["guidance_scale"] if guidance_scale is None else guidance_scale)
+        self.check_one_pass(guidance_scale)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
         guidance = guidance_scale > 1.0

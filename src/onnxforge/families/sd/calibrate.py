@@ -64,6 +64,7 @@ def collect_calibration(model_dir: Path, prompts: list[str], s: dict, out: Path)
     Layout (memory-mappable .npy files, P prompts, S UNet calls per trajectory):
         text_encoder/input_ids.npy            (P, 2, 77) int64: [negative, prompt]
         unet/sample.npy                       (P, S, 2, C, h, w) float32: the scaled model input
+                                              (batch 1, the prompt alone, when guidance_scale <= 1)
         unet/timestep.npy                     (P, S) float32
         unet/encoder_hidden_states.npy        (P, 2, 77, D) float32 (the same at every step)
         vae_decoder/latent_sample.npy         (P, 1, C, h, w): final latents / scaling_factor
@@ -100,11 +101,12 @@ def collect_calibration(model_dir: Path, prompts: list[str], s: dict, out: Path)
                                output_type="latent").images
                 z = latents / pipe.vae.config.scaling_factor
                 image = pipe.vae.decode(z, return_dict=False)[0].clamp(-1, 1)
-            if len(text_calls) != 2 or any(c[0].shape[0] != 2 for c in calls):
+            batch = 2 if s.guidance_scale > 1.0 else 1  # guidance <= 1: the prompt alone (one-pass UNet)
+            if len(text_calls) != batch or any(c[0].shape[0] != batch for c in calls):
                 raise RuntimeError(f"unexpected pipeline calls: {len(text_calls)} text encoder calls, UNet batches "
-                                   f"{sorted({c[0].shape[0] for c in calls})}")
+                                   f"{sorted({c[0].shape[0] for c in calls})} (expected {batch})")
             # diffusers encodes the prompt first, then the negative one; the runtime batches [negative, prompt].
-            rows["ids"].append(np.concatenate([text_calls[1], text_calls[0]]))
+            rows["ids"].append(np.concatenate(text_calls[::-1]))
             rows["sample"].append(np.stack([c[0] for c in calls]))
             rows["timestep"].append(np.asarray([c[1] for c in calls], dtype=np.float32))
             rows["ehs"].append(calls[0][2])
@@ -178,7 +180,7 @@ def calibration_reader(calib_dir: Path, name: str, split: str = "calibrate", une
     arrays = {f.stem: np.load(f, mmap_mode="r") for f in sorted((calib_dir / name).glob("*.npy"))}
     if name == "unet":
         steps = int(meta["unet_calls_per_prompt"])
-        halves = 2 if unet_batch == 1 else 1
+        halves = 2 if unet_batch == 1 and arrays["sample"].shape[2] == 2 else 1  # one-pass sets hold batch 1
 
         def item(i):
             p, rest = divmod(i, steps * halves)

@@ -17,8 +17,8 @@ import numpy as np
 from ...runtime.artifact import make_session
 from ...store import StageContext, StageSpec, ValidationFailed
 from ..common import ORT_CUSTOM_OPSETS, component_bytes, model_dir_of, name_dims
-from .submodules import (COMPONENT_CONFIGS, CONFIGS_DIR, FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR,
-                         TOKENIZER_JSON, dynamic_axes, example_inputs, model_info)
+from .submodules import (ALL, ALL_FILES, ALL_IO, COMPONENT_CONFIGS, CONFIGS_DIR, SCHEDULER_CONFIG, TOKENIZER_DIR,
+                         TOKENIZER_JSON, dynamic_axes, example_inputs, exported, model_info)
 
 EXTERNAL_DATA_BYTES = 1.8e9
 # Texts on which the runtime's tokenization must equal transformers' CLIPTokenizer (export stage).
@@ -30,9 +30,22 @@ TOKENIZER_CHECK_TEXTS = ("", "a lighthouse on a rocky cliff at dusk, oil paintin
 def _fix_output_dims(path: Path, name: str, info: dict, batch: int, width: int, height: int, axes: dict) -> None:
     """Outputs' fixed dims as numbers, dynamic ones by their axis names: the exporter sometimes leaves generated
     names there (e.g. last_hidden_state's 77 as 'LayerNormalizationlast_hidden_state_dim_1')."""
-    shapes = SUBMODULES[name].output_shapes(info, batch, width, height)
+    shapes = ALL[name].output_shapes(info, batch, width, height)
     name_dims(path, {out: [axes.get(out, {}).get(j, d) for j, d in enumerate(shape)]
-                     for out, shape in zip(SUBMODULES[name].outputs, shapes)})
+                     for out, shape in zip(ALL[name].outputs, shapes)})
+
+
+def one_pass_unet(name: str, p) -> bool:
+    """The UNet of a recipe whose guidance is <= 1: exported for batch 1 only (no negative-prompt pass)."""
+    return name == "unet" and p.unet_batch == 1
+
+
+def traced_batch(name: str, p) -> int:
+    return 2 if ALL[name].cfg_batch and not one_pass_unet(name, p) else 1
+
+
+def axes_of(name: str, p) -> dict:
+    return dynamic_axes(name, p.dynamic_batch and not one_pass_unet(name, p), p.dynamic_size)
 
 
 def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.ndarray) -> None:
@@ -40,7 +53,7 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
     import torch
 
     width, height = p.parity.sizes[0]
-    batch = 2 if SUBMODULES[name].cfg_batch else 1  # CFG batch for the traced example
+    batch = traced_batch(name, p)  # CFG batch for the traced example (1 for a one-pass UNet)
     if name == "unet" and p.dynamic_size:
         # Trace at a latent size that the UNet's up-sampling factor does not divide: diffusers then
         # takes its explicit-size path (upsample to the skip connection's size), which the graph keeps,
@@ -55,18 +68,16 @@ def export_one(name: str, module, info: dict, out: Path, p: dict, token_ids: np.
     scratch.mkdir()
     try:
         with torch.no_grad():
-            torch.onnx.export(module, args, str(scratch / "model.onnx"), input_names=IO[name]["inputs"],
-                              output_names=IO[name]["outputs"],
-                              dynamic_axes=dynamic_axes(name, p.dynamic_batch, p.dynamic_size),
+            torch.onnx.export(module, args, str(scratch / "model.onnx"), input_names=ALL_IO[name]["inputs"],
+                              output_names=ALL_IO[name]["outputs"], dynamic_axes=axes_of(name, p),
                               opset_version=p.opset, dynamo=False,
                               custom_opsets=ORT_CUSTOM_OPSETS if fused else None)
-        _fix_output_dims(scratch / "model.onnx", name, info, batch, width, height,
-                         dynamic_axes(name, p.dynamic_batch, p.dynamic_size))
+        _fix_output_dims(scratch / "model.onnx", name, info, batch, width, height, axes_of(name, p))
         n_bytes = sum(f.stat().st_size for f in scratch.iterdir())
         if p.external_data == "always" or n_bytes > EXTERNAL_DATA_BYTES:
-            save_with_one_data_file(scratch / "model.onnx", out / FILES[name])
+            save_with_one_data_file(scratch / "model.onnx", out / ALL_FILES[name])
         else:
-            (scratch / "model.onnx").rename(out / FILES[name])
+            (scratch / "model.onnx").rename(out / ALL_FILES[name])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         gc.collect()
@@ -103,7 +114,7 @@ def reference_outputs(name: str, module, info: dict, p: dict, token_ids: np.ndar
     computed before the ONNX session opens, so the module and the session are never in memory together."""
     import torch
 
-    batches = [2, 1] if p.dynamic_batch else [2 if SUBMODULES[name].cfg_batch else 1]
+    batches = [2, 1] if p.dynamic_batch and not one_pass_unet(name, p) else [traced_batch(name, p)]
     sizes = p.parity.sizes if name != "text_encoder" else p.parity.sizes[:1]
     runs = []
     for width, height in sizes:
@@ -151,7 +162,7 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             shutil.copyfile(f, out / TOKENIZER_DIR / f.name)
     fast = CLIPTokenizerFast.from_pretrained(model_dir / "tokenizer")
     fast.backend_tokenizer.save(str(out / TOKENIZER_JSON))
-    info.update(bos_id=slow.bos_token_id, eos_id=slow.eos_token_id, pad_id=slow.pad_token_id)
+    info.update(bos_id=slow.bos_token_id, eos_id=slow.eos_token_id, pad_id=slow.pad_token_id, unet_batch=p.unet_batch)
     shutil.copy(model_dir / "scheduler" / "scheduler_config.json", out / SCHEDULER_CONFIG)
     (out / CONFIGS_DIR).mkdir()
     for name in COMPONENT_CONFIGS:
@@ -164,16 +175,16 @@ def export_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     mismatches = [t for t in texts if not np.array_equal(rt_tok(t, warn=False)[0][0], clip_token_ids(slow, [t], info["max_length"])[0])]
 
     parities, sizes = {}, {}
-    for name, sub in SUBMODULES.items():
-        module = sub.torch_module(model_dir, p.fused_attention)
+    for name in exported(model_dir):
+        module = ALL[name].torch_module(model_dir, p.fused_attention)
         export_one(name, module, info, out, p, token_ids)
         references = reference_outputs(name, module, info, p, token_ids)
         del module  # before the session loads the weights again (issue 10, item 17)
         gc.collect()
-        session = make_session(out / FILES[name], low_memory=True)
+        session = make_session(out / ALL_FILES[name], low_memory=True)
         parities[name] = parity(references, session)
         parities[name]["atol"] = getattr(p.parity.atol, name)
-        sizes[name] = component_bytes(out, FILES[name])
+        sizes[name] = component_bytes(out, ALL_FILES[name])
         del references, session
         gc.collect()
     failed = [f"{n}: max abs diff {r['max_abs_diff']:.3g} > {r['atol']:g}" for n, r in parities.items()

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ...config import RecipeBody, Source, Strict
+from ...config import HubSource, RecipeBody, Source, Strict
 
 
 SD_SUBMODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -30,8 +30,75 @@ class SdRandomSource(Strict):
     tokenizer: SdTokenizer
 
 
+# The modules diffusers' LCM-LoRA training script (examples/consistency_distillation) adapts: attention
+# and feed-forward projections, the transformers' proj_in/out, the resnets' convs and time projections,
+# the down/up-samplers. latent-consistency/lcm-lora-sdv1-5 is rank 64 over these.
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+class SdLoraHub(HubSource):
+    weight_name: str = Field(default="pytorch_lora_weights.safetensors", min_length=1)
+
+
+class SdLoraRandom(Strict):
+    """Seeded random LoRA weights of a real LoRA's shape (rank, target modules): honest latency and size."""
+
+    rank: int = Field(ge=1, le=1024)
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (None: the rank, as LCM-LoRA)")
+    target_modules: tuple[str, ...] = Field(default=LCM_LORA_TARGETS, min_length=1)
+    seed: int = Field(default=0, ge=0)
+
+
+class SdLora(Strict):
+    """LoRA weights fused into the UNet before export (diffusers' load + fuse_lora; peft underneath)."""
+
+    hub: SdLoraHub | None = None
+    path: str | None = Field(default=None, description="a LoRA .safetensors file (diffusers, peft or kohya keys)")
+    random: SdLoraRandom | None = None
+    scale: float = Field(default=1.0, gt=0.0, le=4.0)
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("hub", "path", "random") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, random (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hub", "path", "random") if getattr(self, k) is not None)
+
+
+class SdTaesdRandom(Strict):
+    # AutoencoderTiny kwargs; {} is diffusers' default, which is TAESD's own architecture.
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0)
+
+
+class SdTaesd(Strict):
+    """TAESD (diffusers AutoencoderTiny): a ~2.4 M-parameter VAE that variants may use instead of the SD VAE."""
+
+    hub: HubSource | None = None  # e.g. madebyollin/taesd
+    path: str | None = None  # a folder with config.json + diffusion_pytorch_model.safetensors
+    random: SdTaesdRandom | None = None
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("hub", "path", "random") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, random (got {given or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("hub", "path", "random") if getattr(self, k) is not None)
+
+
 class SdSource(Source):
     random: SdRandomSource | None = None
+    lora: SdLora | None = None  # fused into the UNet in the source stage
+    taesd: SdTaesd | None = None  # exported beside the SD VAE; a variant picks it with `vae: taesd`
 
 
 class SdExportConfig(Strict):
@@ -55,6 +122,8 @@ class SdTolerances(Strict):
     unet: float = Field(default=1e-4, gt=0)
     vae_decoder: float = Field(default=1e-3, gt=0)
     vae_encoder: float = Field(default=1e-3, gt=0)
+    taesd_decoder: float = Field(default=1e-3, gt=0)  # only when the source has TAESD
+    taesd_encoder: float = Field(default=1e-3, gt=0)
 
 
 class SdValidateConfig(Strict):
@@ -71,7 +140,8 @@ class SdCalibrationConfig(Strict):
     max_prompts: int | None = Field(default=None, ge=2, description="use the first N prompts (None: all)")
     held_out: int = Field(default=2, ge=1, description="the last N prompts: quality measurement, never calibration")
     steps: int = Field(default=25, ge=2, le=200)
-    guidance_scale: float = Field(default=7.5, gt=1.0, le=50.0)
+    # <= 1: no negative pass, the UNet runs at batch 1 (as a one-pass, e.g. LCM, recipe draws)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     scheduler: SdScheduler = "pndm"
     size: tuple[ImageSide, ImageSide] = (512, 512)
     seed: int = Field(default=0, ge=0)
@@ -92,7 +162,7 @@ class SdQualityConfig(Strict):
 
     steps: int = Field(default=25, ge=1, le=200)
     size: tuple[ImageSide, ImageSide] = (512, 512)
-    guidance_scale: float = Field(default=7.5, ge=1.0, le=50.0)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     scheduler: SdScheduler = "pndm"
     seed: int = Field(default=0, ge=0)
     images: int = Field(default=2, ge=1, le=64, description="held-out prompts drawn (at most calibration.held_out)")
@@ -109,7 +179,9 @@ class SdRuntimeConfig(Strict):
     scheduler: SdScheduler = "pndm"
     steps: int = Field(default=25, ge=1, le=1000)
     max_steps: int = Field(default=200, ge=1, le=1000, description="more steps than this is refused as absurd")
-    guidance_scale: float = Field(default=7.5, ge=1.0, le=50.0)
+    # <= 1: one-pass guidance. The UNet is exported for batch 1 (no negative-prompt pass; LCM runs at 1)
+    # and the runtime refuses a guidance > 1 on it. > 1: classifier-free guidance at batch 2.
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     size: tuple[ImageSide, ImageSide] = (512, 512)
     min_size: ImageSide = 64
     max_size: ImageSide = 1024
@@ -171,6 +243,8 @@ class SdVariant(Strict):
     unet: SdQuant = SdQuant()
     vae_decoder: SdQuant = SdQuant()
     vae_encoder: SdQuant = SdQuant()
+    # Which VAE decodes (and encodes, for edits): the SD VAE, or TAESD (needs source.taesd; kept float).
+    vae: Literal["sd", "taesd"] = "sd"
     # End-to-end floors vs the fp32 pipeline (mean over the quality images; None: record only).
     min_psnr_db: float | None = None
     min_ssim: float | None = Field(default=None, ge=-1.0, le=1.0)
@@ -195,6 +269,20 @@ class SdRecipe(RecipeBody):
     def some_variant(self):
         if not self.variants:
             raise ValueError("variants: name at least one variant, e.g. fp32: {} (and int8: {unet: {mode: static}})")
+        if self.runtime.guidance_scale <= 1.0:
+            for key in ("calibration", "quality"):
+                if getattr(self, key).guidance_scale > 1.0:
+                    raise ValueError(f"{key}.guidance_scale {getattr(self, key).guidance_scale} > 1, but runtime.guidance_scale "
+                                     f"{self.runtime.guidance_scale} <= 1 exports the UNet for batch 1 (no negative pass): "
+                                     f"set it to 1")
+        for name, v in self.variants.items():
+            if v.vae == "taesd":
+                if self.source.taesd is None:
+                    raise ValueError(f"variants.{name}.vae: taesd needs a source.taesd (hub, path or random)")
+                quantized = [k for k in ("vae_decoder", "vae_encoder") if getattr(v, k).mode != "float"]
+                if quantized:
+                    raise ValueError(f"variants.{name}: TAESD stays float (it is ~2.4 M parameters); drop the "
+                                     f"{', '.join(quantized)} quantization or use vae: sd")
         if self.quality.images > self.calibration.held_out:
             raise ValueError(f"quality.images ({self.quality.images}) exceeds calibration.held_out "
                              f"({self.calibration.held_out}): quality images use held-out prompts")

@@ -1,4 +1,5 @@
-"""Stable Diffusion source stage: random (seeded tiny or real-size configs, CLIP BPE trained offline), hub or path."""
+"""Stable Diffusion source stage: random (seeded tiny or real-size configs, CLIP BPE trained offline), hub or path;
+then a recipe's LoRA fused into the UNet (lora.py) and TAESD placed beside the SD VAE (model/taesd)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ...config import RecipeError
-from ...sources import SourceError
+from ...sources import SourceError, hub_snapshot, local_folder, weights_sha256
 from ...store import StageContext, StageSpec
 from ..common import count_parameters, existing_model_dir
 
@@ -128,7 +129,11 @@ def weights_digest(folder: Path) -> str:
 
 
 def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
+    from .lora import lora_file
+
     p = spec.params
+    # A hub or path LoRA is found first: a missing one fails before minutes of model building.
+    lora_path = lora_file(p.lora, ctx.project_dir) if p.lora and p.lora["kind"] != "random" else None
     if p.kind == "random":
         model_dir = out / "model"
         tok_cfg = p.tokenizer
@@ -148,6 +153,12 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
             source = {"kind": "path", "path": str(model_dir)}
         rel = str(model_dir)
     _check_layout(model_dir)
+    if p.lora or p.taesd:  # a folder of our own: links to the source's parts, the fused UNet, TAESD
+        model_dir, rel = own_model_dir(model_dir, out / "model"), "model"
+    if p.lora:
+        source["lora"] = fuse_recipe_lora(p.lora, lora_path, model_dir, out)
+    if p.taesd:
+        source["taesd"] = place_taesd(p.taesd, model_dir, ctx.project_dir)
     source["weights_sha256"] = weights_digest(model_dir)
     cfg = {d: json.loads((model_dir / d / "config.json").read_text()) for d in WEIGHT_FOLDERS}
     source["architecture"] = {
@@ -155,5 +166,71 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         "unet_block_out_channels": cfg["unet"].get("block_out_channels"),
         "cross_attention_dim": cfg["unet"].get("cross_attention_dim"),
         "vae_block_out_channels": cfg["vae"].get("block_out_channels"), "latent_channels": cfg["vae"].get("latent_channels")}
-    params = {d: count_parameters(model_dir / d) for d in WEIGHT_FOLDERS}
+    params = {d: count_parameters(model_dir / d) for d in WEIGHT_FOLDERS + (("taesd",) if p.taesd else ())}
     return {"model_dir": rel, "source": source, "recorded": {"parameters": params}}
+
+
+def own_model_dir(src: Path, dest: Path) -> Path:
+    """`dest` as the model folder: the source's entries linked in (a random source's folder is already ours)."""
+    if src.resolve() == dest.resolve():
+        return dest
+    dest.mkdir()
+    for entry in src.iterdir():
+        (dest / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return dest
+
+
+def fuse_recipe_lora(lora: dict, path: Path | None, model_dir: Path, out: Path) -> dict:
+    """Load the UNet, fuse the recipe's LoRA (the file at `path`, or random weights drawn and saved to out/lora
+    first), save it in place of the link to the source's UNet. Returns the manifest's record of the LoRA."""
+    from diffusers import UNet2DConditionModel
+
+    from .lora import fuse_lora, random_lora
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").eval()
+    record = {k: v for k, v in lora.items()}
+    if path is None:
+        path = random_lora(unet, lora["rank"], lora["alpha"], lora["target_modules"], lora["seed"], out / "lora")
+        record["file"] = str(path.relative_to(out))
+    fused = fuse_lora(unet, path, lora["scale"])
+    record.update(file_sha256=fused["sha256"], layers_fused=fused["layers"], tensors=fused["tensors"])
+    if (model_dir / "unet").is_symlink():
+        (model_dir / "unet").unlink()
+    unet.save_pretrained(model_dir / "unet", safe_serialization=True)
+    del unet
+    gc.collect()
+    return record
+
+
+TAESD_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def place_taesd(taesd: dict, model_dir: Path, project_dir: Path) -> dict:
+    """model_dir/taesd: TAESD (diffusers AutoencoderTiny) from the hub, a folder, or seeded random weights."""
+    dest = model_dir / "taesd"
+    record = dict(taesd)
+    if taesd["kind"] == "random":
+        import torch
+        from diffusers import AutoencoderTiny
+
+        with torch.random.fork_rng():
+            torch.manual_seed(taesd["seed"])
+            try:
+                vae = AutoencoderTiny(**taesd["config"]).eval()
+            except TypeError as exc:
+                raise RecipeError(f"source.taesd.random.config: {exc}") from None
+        vae.save_pretrained(dest, safe_serialization=True)
+    else:
+        folder = hub_snapshot(taesd["repo"], taesd["revision"], TAESD_FILES) if taesd["kind"] == "hub" \
+            else local_folder(taesd["path"], project_dir)
+        dest.symlink_to(folder.resolve(), target_is_directory=True)
+    cfg = json.loads((dest / "config.json").read_text())
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    factor = cfg.get("upsampling_scaling_factor", 2) ** (len(cfg.get("decoder_block_out_channels", [0] * 4)) - 1)
+    sd_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if cfg.get("latent_channels", 4) != unet["in_channels"] or factor != sd_factor:
+        raise RecipeError(f"source.taesd: TAESD has {cfg.get('latent_channels', 4)} latent channels and scale {factor}, "
+                          f"but the UNet takes {unet['in_channels']} channels and the SD VAE scales by {sd_factor}")
+    record.update(weights_sha256=weights_sha256(dest), scaling_factor=float(cfg.get("scaling_factor", 1.0)))
+    return record

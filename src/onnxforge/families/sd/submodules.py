@@ -8,6 +8,11 @@ validation and the benchmark alike.
 Batch, height and width are named dims when the recipe says so (export.dynamic_batch/_size).
 The names are those of optimum's ONNX Stable Diffusion export (the UNet's noise prediction is `out_sample`),
 so `onnxforge export-layout` only links files (layout.py); the runtime reads outputs by position.
+
+TAESD (diffusers AutoencoderTiny, when the source has one) is exported beside the SD VAE with the same
+conventions, so a variant can ship it as its vae_decoder / vae_encoder:
+    taesd_decoder latent_sample (B, C, h, w) (latents / TAESD's scaling_factor, 1.0) -> sample in [-1, 1]
+    taesd_encoder sample (B, 3, H, W) in [-1, 1] -> latent_mean (B, C, H/8, W/8) (deterministic: no std)
 """
 
 from __future__ import annotations
@@ -172,6 +177,44 @@ def _vae_encoder_module(model_dir: Path, fused_attention: bool):
     return VaeEncoder().eval()
 
 
+def _taesd(model_dir: Path):
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(model_dir / "taesd").eval()
+
+
+def _taesd_decoder_module(model_dir: Path, fused_attention: bool):  # TAESD has no attention
+    import torch
+
+    vae = _taesd(model_dir)
+
+    class TaesdDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent_sample):
+            return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    return TaesdDecoder().eval()
+
+
+def _taesd_encoder_module(model_dir: Path, fused_attention: bool):
+    import torch
+
+    vae = _taesd(model_dir)
+
+    class TaesdEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, sample):
+            return self.vae.encode(sample, return_dict=False)[0]
+
+    return TaesdEncoder().eval()
+
+
 # ---- the table ------------------------------------------------------------------------------------
 
 # Static int8 of the UNet is known to break the time embedding and its per-block projections, the first
@@ -217,17 +260,49 @@ SUBMODULES: dict[str, Submodule] = {s.name: s for s in SUBMODULE_LIST}
 FILES = {s.name: s.file for s in SUBMODULE_LIST}
 IO = {s.name: {"inputs": list(s.inputs), "outputs": list(s.outputs)} for s in SUBMODULE_LIST}
 
+# TAESD: exported when the source has model/taesd; shipped under the SD VAE's component names (`vae: taesd`).
+TAESD_LIST = (
+    Submodule(
+        name="taesd_decoder", inputs=("latent_sample",), outputs=("sample",), cfg_batch=False, keep_float=(),
+        torch_module=_taesd_decoder_module,
+        example=lambda info, batch, w, h, ids, rng: {
+            "latent_sample": rng.standard_normal(_latent(info, batch, w, h), dtype=np.float32)
+            / np.float32(info["taesd_scaling_factor"])},
+        axes=lambda b, latent, image: {"latent_sample": latent, "sample": image},
+        output_shapes=lambda info, batch, w, h: [[batch, 3, h, w]]),
+    Submodule(
+        name="taesd_encoder", inputs=("sample",), outputs=("latent_mean",), cfg_batch=False, keep_float=(),
+        torch_module=_taesd_encoder_module,
+        example=lambda info, batch, w, h, ids, rng: {"sample": rng.uniform(-1, 1, (batch, 3, h, w)).astype(np.float32)},
+        axes=lambda b, latent, image: {"sample": image, "latent_mean": latent},
+        output_shapes=lambda info, batch, w, h: [_latent(info, batch, w, h)]),
+)
+TAESD_FOR = {"vae_decoder": "taesd_decoder", "vae_encoder": "taesd_encoder"}
+ALL: dict[str, Submodule] = {**SUBMODULES, **{s.name: s for s in TAESD_LIST}}
+ALL_FILES = {name: s.file for name, s in ALL.items()}
+ALL_IO = {name: {"inputs": list(s.inputs), "outputs": list(s.outputs)} for name, s in ALL.items()}
+
+
+def exported(model_dir: Path) -> list[str]:
+    """The submodules the export stage makes from this source: the four, and TAESD's two if it has one."""
+    return list(SUBMODULES) + ([s.name for s in TAESD_LIST] if (model_dir / "taesd" / "config.json").is_file() else [])
+
+
+def variant_components(vae: str) -> dict[str, str]:
+    """A variant's component name -> the exported submodule it ships (TAESD under the VAE's names)."""
+    return {name: TAESD_FOR.get(name, name) if vae == "taesd" else name for name in SUBMODULES}
+
 
 def example_inputs(name: str, info: dict, batch: int, width: int, height: int, token_ids: np.ndarray, seed: int) -> dict:
     """Seeded inputs of the right shapes and ranges for one submodule (numpy)."""
-    return SUBMODULES[name].example(info, batch, width, height, token_ids, np.random.default_rng(seed))
+    return ALL[name].example(info, batch, width, height, token_ids, np.random.default_rng(seed))
 
 
 def dynamic_axes(name: str, batch: bool, size: bool) -> dict:
     b = {0: "batch"} if batch else {}
     latent = {**b, **({2: "latent_height", 3: "latent_width"} if size else {})}
     image = {**b, **({2: "height", 3: "width"} if size else {})}
-    return SUBMODULES[name].axes(b, latent, image)
+    return ALL[name].axes(b, latent, image)
 
 
 def model_info(model_dir: Path) -> dict:
@@ -239,7 +314,11 @@ def model_info(model_dir: Path) -> dict:
         if (model_dir / "tokenizer" / "tokenizer_config.json").is_file() else {}
     max_length = min(int(tok.get("model_max_length", 77)), int(te.get("max_position_embeddings", 77)))
     n_up = len(unet["block_out_channels"]) - 1  # every block but the last one halves the size
+    taesd = {}
+    if (model_dir / "taesd" / "config.json").is_file():
+        taesd = {"taesd_scaling_factor": float(json.loads((model_dir / "taesd" / "config.json").read_text())
+                                               .get("scaling_factor", 1.0))}
     return {"max_length": max_length, "text_hidden_size": te["hidden_size"], "latent_channels": vae["latent_channels"],
             "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1),
             "scaling_factor": float(vae.get("scaling_factor", 0.18215)), "unet_up_factor": 2 ** n_up,
-            "unet_sample_size": unet.get("sample_size")}
+            "unet_sample_size": unet.get("sample_size"), **taesd}

@@ -15,17 +15,20 @@ from ...runtime.artifact import make_session
 from ...store import StageContext, StageSpec, find_upstream, link_or_copy
 from ..common import fail_on, link_component, record_check
 from .calibrate import calibration_reader
-from .submodules import CONFIGS_DIR, FILES, IO, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR, TOKENIZER_JSON
+from .submodules import (ALL_FILES, ALL_IO, CONFIGS_DIR, FILES, SCHEDULER_CONFIG, SUBMODULES, TOKENIZER_DIR,
+                         TOKENIZER_JSON, variant_components)
 
 RUNTIME_KIND = "sd"
 
 
-def runtime_block(info: dict, scheduler_config: dict, fixed_size) -> dict:
+def runtime_block(info: dict, scheduler_config: dict, fixed_size, vae: str = "sd") -> dict:
     """What the runtime needs from the model's configs (it never imports torch or diffusers); the recipe's
-    defaults (scheduler, steps, guidance, sizes) are added when publishing (plan.runtime_defaults)."""
+    defaults (scheduler, steps, guidance, sizes) are added when publishing (plan.runtime_defaults).
+    TAESD's latents are the SD VAE's scaled ones: its scaling_factor (1.0 in AutoencoderTiny) is the one to use."""
     from ...runtime.schedulers import SCHEDULER_NAMES
 
     f = info["vae_scale_factor"]
+    scaling = info["taesd_scaling_factor"] if vae == "taesd" else info["scaling_factor"]
     return {
         "kind": RUNTIME_KIND,
         "tokenizer": TOKENIZER_JSON,
@@ -33,9 +36,11 @@ def runtime_block(info: dict, scheduler_config: dict, fixed_size) -> dict:
         "scheduler_config": scheduler_config,
         "schedulers": list(SCHEDULER_NAMES),
         "size_multiple": f * 8 // math.gcd(f, 8), "fixed_size": fixed_size,
-        "vae_scale_factor": f, "scaling_factor": info["scaling_factor"], "latent_channels": info["latent_channels"],
+        "vae_scale_factor": f, "scaling_factor": scaling, "latent_channels": info["latent_channels"],
         "text_hidden_size": info["text_hidden_size"],
-        "io": IO,
+        # 1: one-pass guidance, the UNet takes batch 1 only (no negative prompt); 2: classifier-free guidance
+        "unet_batch": int(info.get("unet_batch", 2)), "vae": vae,
+        "io": {name: ALL_IO[sub] for name, sub in variant_components(vae).items()},
     }
 
 
@@ -111,26 +116,30 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     export_rec = ctx.upstream_record(spec, "export")
     quantized = "vs_fp32" in p.checks
     producer = ctx.upstream_dir(spec, "quantize") if quantized else export_dir
-    for name in SUBMODULES:
-        link_component(producer, out, FILES[name])
+    shipped = variant_components(p.vae)  # component name -> exported submodule (TAESD's come from the export)
+    files = {name: ALL_FILES[sub] for name, sub in shipped.items()}
+    for name, sub in shipped.items():
+        link_component(producer if sub in SUBMODULES else export_dir, out, files[name])
     (out / TOKENIZER_DIR).mkdir()
     _link_common(export_dir, out)
     info = export_rec["info"]
     export_params = find_upstream(spec, "export").params
     fixed = None if export_params.dynamic_size else list(export_params.parity.sizes[0])
-    runtime = runtime_block(info, json.loads((export_dir / SCHEDULER_CONFIG).read_text()), fixed)
+    runtime = runtime_block(info, json.loads((export_dir / SCHEDULER_CONFIG).read_text()), fixed, p.vae)
     checks: list[dict] = []
     results: dict = {"checks": checks}
 
     if not quantized:
         for name, r in export_rec["parity"].items():
+            if name not in shipped.values():
+                continue  # the other VAE: exported and checked, not shipped in this variant
             record_check(checks, f"{name} max abs diff vs PyTorch", r["max_abs_diff"], r["atol"], r["max_abs_diff"] <= r["atol"])
-        results["parity"] = export_rec["parity"]
+        results["parity"] = {n: r for n, r in export_rec["parity"].items() if n in shipped.values()}
         record_check(checks, "runtime tokenization == CLIPTokenizer", export_rec["recorded"]["tokenizer_texts_checked"],
                      "all texts", True)
         results["checks_run"] = list(p.checks)
         fail_on(checks, results)
-        return {"components": FILES, "validation": results, "runtime": runtime}
+        return {"components": files, "validation": results, "runtime": runtime}
 
     calib_dir = ctx.upstream_dir(spec, "calibrate")
     q = p.quality
@@ -157,8 +166,8 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     quality_rt = {**runtime, "scheduler": q.scheduler, "steps": q.steps, "max_steps": q.steps,
                   "guidance_scale": q.guidance_scale, "width": width, "height": height,
                   "min_size": min(width, height), "max_size": max(width, height)}
-    fp32 = StableDiffusion.from_folder(export_dir, quality_rt, FILES, low_memory=True, label={**label, "variant": "fp32"})
-    ours = StableDiffusion.from_folder(out, quality_rt, FILES, low_memory=True, label=label)
+    fp32 = StableDiffusion.from_folder(export_dir, quality_rt, files, low_memory=True, label={**label, "variant": "fp32"})
+    ours = StableDiffusion.from_folder(out, quality_rt, files, low_memory=True, label=label)
     settings = dict(steps=q.steps, guidance_scale=q.guidance_scale, scheduler=q.scheduler, width=width, height=height)
     (out / "quality").mkdir()
     images, per_image = {"fp32": [], "variant": []}, []
@@ -198,4 +207,4 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     results["clip_score"] = clip
     results["checks_run"] = list(p.checks)
     fail_on(checks, results)
-    return {"components": FILES, "validation": results, "runtime": runtime}
+    return {"components": files, "validation": results, "runtime": runtime}
