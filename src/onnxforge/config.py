@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -71,22 +71,24 @@ class WorldSpec(Strict):
 
 
 class Source(Strict):
-    """Exactly one of the source kinds; a family's recipe may add kinds (e.g. `train`)."""
+    """Exactly one of the source kinds; a family's recipe may add kinds (e.g. gpt2's `train`) and other keys
+    (e.g. sd's `lora`, which go with a kind)."""
 
+    KINDS: ClassVar[tuple[str, ...]] = ("hub", "path", "random")
     hub: HubSource | None = None
     path: str | None = None
     random: RandomSource | None = None
 
     @model_validator(mode="after")
     def exactly_one(self):
-        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        given = [k for k in self.KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)} (got {given or 'none'})")
+            raise ValueError(f"give exactly one of {', '.join(self.KINDS)} (got {given or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+        return next(k for k in self.KINDS if getattr(self, k) is not None)
 
 
 # ---- budgets (checked on built artifacts by onnxforge/budgets.py) ----------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -31,6 +31,7 @@ class Gpt2TrainSource(Strict):
 
 
 class Gpt2Source(Source):
+    KINDS: ClassVar[tuple[str, ...]] = ("hub", "path", "random", "train")
     train: Gpt2TrainSource | None = None
 
 
