@@ -70,14 +70,10 @@ class WorldSpec(Strict):
         return WorldConfig(**given)
 
 
-class Source(Strict):
-    """Exactly one of the source kinds; a family's recipe may add kinds (e.g. gpt2's `train`) and other keys
-    (e.g. sd's `lora`, which go with a kind)."""
+class OneOf(Strict):
+    """Exactly one of the KINDS keys is given: a source, or a part of one (sd's LoRA and TAESD)."""
 
     KINDS: ClassVar[tuple[str, ...]] = ("hub", "path", "random")
-    hub: HubSource | None = None
-    path: str | None = None
-    random: RandomSource | None = None
 
     @model_validator(mode="after")
     def exactly_one(self):
@@ -89,6 +85,15 @@ class Source(Strict):
     @property
     def kind(self) -> str:
         return next(k for k in self.KINDS if getattr(self, k) is not None)
+
+
+class Source(OneOf):
+    """Where a model's weights come from; a family's recipe may add kinds (e.g. gpt2's `train`) and other keys
+    (e.g. sd's `lora`, which go with a kind)."""
+
+    hub: HubSource | None = None
+    path: str | None = None
+    random: RandomSource | None = None
 
 
 # ---- budgets (checked on built artifacts by onnxforge/budgets.py) ----------------------------

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ...config import HubSource, RecipeBody, Source, Strict
+from ...config import HubSource, OneOf, RecipeBody, Source, Strict
 
 
 SD_SUBMODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -50,24 +50,13 @@ class SdLoraRandom(Strict):
     seed: int = Field(default=0, ge=0)
 
 
-class SdLora(Strict):
+class SdLora(OneOf):
     """LoRA weights fused into the UNet before export (diffusers' load + fuse_lora; peft underneath)."""
 
     hub: SdLoraHub | None = None
     path: str | None = Field(default=None, description="a LoRA .safetensors file (diffusers, peft or kohya keys)")
     random: SdLoraRandom | None = None
     scale: float = Field(default=1.0, gt=0.0, le=4.0)
-
-    @model_validator(mode="after")
-    def exactly_one(self):
-        given = [k for k in ("hub", "path", "random") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, path, random (got {given or 'none'})")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("hub", "path", "random") if getattr(self, k) is not None)
 
 
 class SdTaesdRandom(Strict):
@@ -76,23 +65,12 @@ class SdTaesdRandom(Strict):
     seed: int = Field(default=0, ge=0)
 
 
-class SdTaesd(Strict):
+class SdTaesd(OneOf):
     """TAESD (diffusers AutoencoderTiny): a ~2.4 M-parameter VAE that variants may use instead of the SD VAE."""
 
     hub: HubSource | None = None  # e.g. madebyollin/taesd
     path: str | None = None  # a folder with config.json + diffusion_pytorch_model.safetensors
     random: SdTaesdRandom | None = None
-
-    @model_validator(mode="after")
-    def exactly_one(self):
-        given = [k for k in ("hub", "path", "random") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, path, random (got {given or 'none'})")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in ("hub", "path", "random") if getattr(self, k) is not None)
 
 
 class SdSource(Source):
