@@ -235,7 +235,10 @@ def replay_settings(run: dict, args, run_json=None) -> dict:
 def run_scripted(demo, s: dict) -> None:
     # 1. choose the artifacts first: a missing one stops the run before any work
     upload = s.get("picture_file")  # a replayed web run whose picture was uploaded, not drawn
-    roles = (["text"] if s["prompt"] is None and not upload else []) + ["image"] + (["mask"] if s["pick"] else [])
+    # An uploaded picture needs Stable Diffusion only where the run used it (a generative edit records it).
+    drawn = not upload or s["models"].get("image")
+    roles = (["text"] if s["prompt"] is None and not upload else []) + (["image"] if drawn else []) \
+        + (["mask"] if s["pick"] else [])
     for role in roles:
         demo.choice(role)
     # 2. the run folder
