@@ -164,10 +164,12 @@ def test_quality_floors_are_enforced_by_the_build(tiny, loaded):
     assert top1 < 1 and cosine < 0.99998 and ratio > 1.0002  # else no floor fits between
     before = {v: tiny.variant(v) for v in ("kv-int8", "pruned")}
     try:
-        text = re.sub(r"\n  kv-int8: \{[^}]*\}", f"\n  kv-int8: {{min_top1_agreement: {top1 + 1e-4:.5f}, "
-                      f"min_logit_cosine: {cosine + 1e-5:.7f}}}", original)
-        text = re.sub(r"\n  pruned: \{[^}]*\}", f"\n  pruned: {{ratio: 0.25, max_perplexity_ratio: {ratio - 1e-4:.5f}}}", text)
-        recipe.write_text(text)
+        head, mark, variants = original.partition("\nvariants:")  # the floors, not the budgets above them
+        variants = re.sub(r"\n  kv-int8: \{[^}]*\}", f"\n  kv-int8: {{min_top1_agreement: {top1 + 1e-4:.5f}, "
+                          f"min_logit_cosine: {cosine + 1e-5:.7f}}}", variants)
+        variants = re.sub(r"\n  pruned: \{[^}]*\}", f"\n  pruned: {{ratio: 0.25, max_perplexity_ratio: {ratio - 1e-4:.5f}}}",
+                          variants)
+        recipe.write_text(head + mark + variants)
         proc = tiny.doit("--continue", "publish:gpt2-tiny-kv-int8", "publish:gpt2-tiny-pruned", check=False)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "Traceback" not in out

@@ -176,8 +176,9 @@ def test_int8_floors_are_enforced_by_the_build(sam_tiny, int8):
     cosine, iou = checks["embedding cosine vs fp32 ONNX"], checks["mean mask IoU vs fp32 ONNX (all prompts, all masks)"]
     assert cosine < 0.99998 and iou < 0.99998  # else no floor can sit above them
     try:
-        recipe.write_text(re.sub(r"\n  int8: \{[^}]*\}", f"\n  int8: {{min_mask_iou: {iou + 1e-5:.6f}, min_embedding_cosine: {cosine + 1e-5:.7f}}}",
-                                 original))
+        head, mark, variants = original.partition("\nvariants:")  # the floors, not the budgets above them
+        recipe.write_text(head + mark + re.sub(r"\n  int8: \{[^}]*\}", f"\n  int8: {{min_mask_iou: {iou + 1e-5:.6f}, "
+                                               f"min_embedding_cosine: {cosine + 1e-5:.7f}}}", variants))
         assert recipe.read_text() != original
         proc = sam_tiny.doit("publish:sam-tiny-int8", check=False)
         text = proc.stdout + proc.stderr
