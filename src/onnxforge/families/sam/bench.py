@@ -196,7 +196,7 @@ FIGURES = {
     "encoder_ms": "median ms of the image encoder (a new picture each run)",
     "decoder_ms": "median ms of the mask decoder alone, per point prompt",
 }
-CHECK = {"runs": 3, "warmup": 1, "prompts": 5, "points_per_side": 2, "image": "320x240", "arena": False}
+CHECK = {"runs": 3, "warmup": 1, "prompts": 5, "points_per_side": 2, "batch": 4, "image": "320x240", "arena": False}
 
 
 def check_jobs(manifest: dict, figures: set[str]) -> list[dict]:
