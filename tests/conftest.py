@@ -54,6 +54,7 @@ def new_project(root: Path, recipe_files: dict[str, str] | None = None) -> Proje
     """A project folder with the repo's calibration data and the given recipes (default: the tiny one)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "calibration", root / "calibration")
+    (root / "pocket").symlink_to(REPO / "pocket", target_is_directory=True)  # committed pocket weights (read only)
     (root / "recipes" / "configs").mkdir(parents=True)
     for cfg in (REPO / "recipes" / "configs").glob("*.json"):
         shutil.copy(cfg, root / "recipes" / "configs" / cfg.name)

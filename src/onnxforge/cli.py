@@ -360,10 +360,11 @@ def _imagine(args) -> int:
 
     from .runtime.sd import StableDiffusion
 
-    from .runtime.demo import fast_path_recipe
+    from .runtime.demo import default_image_recipe
 
-    # No recipe named: the fast path (LCM, one-pass guidance) when one is built, else the classic default.
-    recipe = args.recipe or fast_path_recipe(args.artifacts) or DEFAULT_SD_RECIPE
+    # No recipe named: the pocket-world model when one is built, else the fast path (LCM, one-pass guidance),
+    # else the classic default.
+    recipe = args.recipe or default_image_recipe(args.artifacts) or DEFAULT_SD_RECIPE
     artifact = args.artifact or str(Path(args.artifacts) / recipe / args.variant)
     out = _output_file(args.out)
     width = height = None
@@ -415,6 +416,44 @@ def _export_layout(args) -> int:
     print(f"wrote {result['folder']}: {result['files']} files linked to {a.dir}{copied}"
           + (f"; left out: {', '.join(result['left_out'])}" if result.get("left_out") else ""))
     print(f"load it with {result['load']}")
+    return 0
+
+
+def _pocket_train(args) -> int:
+    """Train a recipe's `train` source (its content-addressed source stage: reused when already built) and copy
+    the trained weights to a folder with a pocket.json (every file's sha256, the command), which a recipe's
+    `path` source reads back and verifies: the default build need not retrain (issue 16)."""
+    import shutil
+
+    from .config import load_recipe
+    from .sources import write_pocket_manifest
+    from .store import StageContext, run_stage
+    from .tasks import plan_recipe, project_paths, walk
+
+    project, recipes_dir, artifacts = project_paths()
+    recipe = load_recipe(recipes_dir / f"{args.recipe}.yaml")
+    if recipe.body.source.kind != "train":
+        raise ValueError(f"recipe {args.recipe} has a {recipe.body.source.kind} source, not train: pocket-train "
+                         f"trains a recipe whose source is `train:` (e.g. sd-pocket-train)")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.replace)):
+        raise ValueError(f"--out {out}: exists and is not an empty folder; give a new folder or --replace")
+    source = next(s for spec in plan_recipe(recipe, project).values() for s in walk(spec) if s.stage == "source")
+    ctx = StageContext(root=artifacts, project_dir=project)
+    print(f"training {args.recipe}'s source (reused if built: {source.out_dir(artifacts)})", flush=True)
+    run_stage(source, ctx)
+    record = json.loads(source.target(artifacts).read_text())
+    model_dir = source.out_dir(artifacts) / record["model_dir"]
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model_dir, staging, symlinks=False)
+    command = f"onnxforge pocket-train --recipe {args.recipe} --out {args.out} --replace"
+    manifest = write_pocket_manifest(staging, command, {"recipe": args.recipe, "source": record.get("source", {})})
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"wrote {out}: {len(manifest['files'])} files, {size / 2**20:.1f} MiB, each sha256 in {out}/pocket.json")
     return 0
 
 
@@ -585,8 +624,8 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 turns it off (default: the manifest's)")
     im.add_argument("--seed", type=int, help="random seed: the same seed and settings give the same picture (default: random)")
     im.add_argument("--variant", default="fp32", help="artifact variant under artifacts/<recipe>/ (default: fp32)")
-    im.add_argument("--recipe", help=f"recipe name (default: the newest built fast-path recipe, e.g. sd-tiny-lcm, "
-                                     f"else {DEFAULT_SD_RECIPE})")
+    im.add_argument("--recipe", help=f"recipe name (default: the newest built pocket-world recipe, else "
+                                     f"the newest fast-path one, e.g. sd-tiny-lcm, else {DEFAULT_SD_RECIPE})")
     im.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
     im.add_argument("--artifact", help="variant or version folder; overrides --recipe/--variant")
     im.add_argument("--out", default="image.png", help="PNG to write (default: image.png)")
@@ -619,6 +658,17 @@ def parser() -> argparse.ArgumentParser:
     from .web import add_parser as add_web_parser
 
     add_web_parser(sub)
+
+    pt = sub.add_parser("pocket-train", help="train a pocket model and write its weights folder (issue 16)",
+                        description="Build a recipe's `train` source (trains once; reused when built) and copy the "
+                                    "trained weights to --out with pocket.json (each file's sha256 and this command). "
+                                    "The pocket recipes read those folders with `path:` and refuse a file whose "
+                                    "digest differs. Example: onnxforge pocket-train --recipe sd-pocket-train "
+                                    "--out pocket/sd --replace")
+    pt.add_argument("--recipe", required=True, help="a recipe whose source is `train:` (e.g. sd-pocket-train)")
+    pt.add_argument("--out", required=True, help="the folder to write (e.g. pocket/sd)")
+    pt.add_argument("--replace", action="store_true", help="replace an existing --out folder")
+    pt.set_defaults(func=_pocket_train)
 
     bu = sub.add_parser("build", help="build recipes (same as `doit build`)",
                         description="Build the default recipes, or the named ones, through doit (incremental).")

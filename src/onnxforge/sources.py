@@ -47,6 +47,7 @@ def local_folder(path: str | Path, project_dir: Path, required: tuple[str, ...] 
         folder = project_dir / folder
     if not folder.is_dir():
         raise SourceError(f"source.path: {folder} is not a folder; give a local folder laid out like the Hub repo")
+    verify_pocket_folder(folder)  # committed pocket weights: name the changed or missing file first
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
         raise SourceError(f"source.path: {folder} lacks {', '.join(missing)}; it must be laid out like the Hub repo")
@@ -72,3 +73,72 @@ def weights_sha256(folder: Path) -> str:
                 while block := f.read(1 << 22):
                     h.update(block)
     return h.hexdigest()
+
+
+# ---- pocket folders: trained weights committed to the repository (issue 16) ---------------------
+
+POCKET_MANIFEST = "pocket.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_pocket_manifest(folder: Path, command: str, training: dict) -> dict:
+    """pocket.json: every file's size and sha256, and the command that reproduces the folder."""
+    import json
+
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != POCKET_MANIFEST}
+    manifest = {"command": command, "training": training, "files": files}
+    (folder / POCKET_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_pocket_folder(folder: Path) -> dict | None:
+    """A folder with a pocket.json must hold exactly its files, byte for byte; None for any other folder.
+
+    Committed weights that were edited, truncated or half-replaced are refused here, naming the file and
+    the command that rebuilds them, before any stage reads a tensor of them.
+    """
+    import json
+
+    manifest_path = folder / POCKET_MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, command = manifest["files"], manifest["command"]
+    except (ValueError, KeyError, TypeError):
+        raise SourceError(f"{manifest_path}: not a pocket manifest (unreadable JSON or no files/command); "
+                          f"restore it with `git checkout -- {folder}`") from None
+    for rel, want in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise SourceError(f"{path}: missing from the pocket folder (its {POCKET_MANIFEST} lists it); restore it "
+                              f"with `git checkout -- {folder}` or rebuild with `{command}`")
+        if path.stat().st_size != want["bytes"] or file_sha256(path) != want["sha256"]:
+            raise SourceError(f"{path}: sha256 does not match its {POCKET_MANIFEST}; restore it with "
+                              f"`git checkout -- {folder}` or rebuild with `{command}`")
+    extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                   if p.is_file() and p.name != POCKET_MANIFEST and str(p.relative_to(folder)) not in files)
+    if extra:
+        raise SourceError(f"{folder / extra[0]}: not listed in the pocket folder's {POCKET_MANIFEST}; remove it or "
+                          f"rebuild with `{command}`")
+    return manifest
+
+
+def pocket_training_source(project_dir: Path, path: str) -> dict:
+    """The source record of the training that made a pocket folder ({} for any other folder): what the plan
+    needs to hold committed weights to their world's oracle. Not verified here (the source stage does that)."""
+    import json
+
+    folder = Path(path) if Path(path).is_absolute() else project_dir / path
+    try:
+        return json.loads((folder / POCKET_MANIFEST).read_text())["training"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

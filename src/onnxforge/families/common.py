@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from ..config import Recipe, resolve_named_config
-from ..sources import folder_fingerprint, hub_snapshot, local_folder
+from ..sources import POCKET_MANIFEST, folder_fingerprint, hub_snapshot, local_folder, verify_pocket_folder
 from typing import Literal
 
 from ..store import PublishParams, StageContext, StageParams, StageSpec, link_or_copy, onnx_files
@@ -77,11 +77,16 @@ def source_params(recipe: Recipe, project_dir: Path) -> dict:
     src = recipe.body.source
     if src.kind in ("random", "train"):
         r = getattr(src, src.kind)
+        if getattr(r, "config", None) is None:  # a train source without a model config (sd, sam): its keys
+            return {"kind": src.kind, "config": r.model_dump(mode="json"), "seed": r.seed}
         config = r.config if isinstance(r.config, dict) else resolve_named_config(r.config, Path(recipe.path).parent)
         return {"kind": src.kind, "config": config, "seed": r.seed}
     if src.kind == "hub":
         return {"kind": "hub", "repo": src.hub.repo, "revision": src.hub.revision}
     folder = Path(src.path) if Path(src.path).is_absolute() else project_dir / src.path
+    if (folder / POCKET_MANIFEST).is_file():  # committed pocket weights: their listed digests, not mtimes (a
+        # fresh clone's checkout times), so every clone builds the same version ids
+        return {"kind": "path", "path": str(src.path), "files": [sha256_or_missing(folder / POCKET_MANIFEST)]}
     return {"kind": "path", "path": str(folder), "files": folder_fingerprint(folder)}
 
 
@@ -91,7 +96,11 @@ def existing_model_dir(params: SourceParams, ctx: StageContext, hub_files: list[
         folder = hub_snapshot(params.repo, params.revision, hub_files)
         return folder, {"kind": "hub", "repo": params.repo, "revision": params.revision}
     folder = local_folder(params.path, ctx.project_dir)
-    return folder, {"kind": "path", "path": str(folder)}
+    record = {"kind": "path", "path": str(folder)}
+    pocket = verify_pocket_folder(folder)  # local_folder verified it; here its record goes to the manifest
+    if pocket is not None:
+        record["pocket"] = {"command": pocket["command"], "training": pocket["training"]}
+    return folder, record
 
 
 def model_dir_of(ctx: StageContext, spec: StageSpec, stage: str) -> Path:

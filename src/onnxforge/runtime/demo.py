@@ -37,7 +37,7 @@ import numpy as np
 from . import artifact as art
 from . import edits as ed
 
-__all__ = ["Demo", "Choice", "choose_artifact", "fast_path_recipe", "is_fast_path", "ROLES", "load_run",
+__all__ = ["Demo", "Choice", "choose_artifact", "default_image_recipe", "fast_path_recipe", "is_fast_path", "is_pocket", "ROLES", "load_run",
            "RunFileError"]
 
 RUN_SCHEMA = 1
@@ -152,6 +152,10 @@ def choose_artifact(role: str, root: str | Path = "artifacts", explicit: str | P
     if not rows:
         raise art.ArtifactError(f"no {spec['label']} artifact is built under {root}/: build one with "
                                 f"`doit build recipes={spec['default_recipe']}` (or `doit build` for all defaults)")
+    # Models trained on the pocket world (issue 16) draw and mask what the captions say: when one is built it
+    # wins over the random-weight ones, whose pictures are noise.
+    pocket = [(d, m) for d, m in rows if is_pocket(m)]
+    rows = pocket or rows
     path, _ = spec["metric"]
     timed = [r for r in rows if (r[1].get("validation") or {}).get("passed") and _metric(r[1], path) is not None]
     if spec.get("across_recipes") and timed:
@@ -162,6 +166,7 @@ def choose_artifact(role: str, root: str | Path = "artifacts", explicit: str | P
     newest = max(pool, key=lambda r: r[1]["artifact"].get("created", ""))[1]["artifact"]["recipe"]
     recipes = sorted({m["artifact"]["recipe"] for _, m in pool})
     kind = f"fast-path {spec['label']} recipe ({FAST_PATH_WHY})" if fast else f"{spec['label']} recipe"
+    kind = f"pocket-world {kind}" if pocket else kind
     why = f"newest built {kind}" + (f" of {', '.join(recipes)}" if len(recipes) > 1 else "")
     return _pick_variant(role, [(d, m) for d, m in rows if m["artifact"]["recipe"] == newest], why)
 
@@ -177,6 +182,23 @@ def is_fast_path(manifest: dict) -> bool:
     """An SD artifact made for few-step pictures: LCM by default and a batch-1 UNet (no negative pass)."""
     rt = manifest.get("runtime") or {}
     return rt.get("kind") == "sd" and rt.get("scheduler") == "lcm" and rt.get("unet_batch") == 1
+
+
+def is_pocket(manifest: dict) -> bool:
+    """An artifact trained on the pocket world (a `train` source, or committed pocket weights read by `path`)."""
+    source = manifest.get("source") or {}
+    return bool(source.get("pocket") or source.get("world"))
+
+
+def default_image_recipe(root: str | Path) -> str | None:
+    """imagine's default: the newest built validated pocket-world SD recipe, else the newest fast-path one."""
+    built = [m for _, m in _built(Path(root)) if (m.get("runtime") or {}).get("kind") == "sd"
+             and (m.get("validation") or {}).get("passed")]
+    for wanted in (is_pocket, is_fast_path):
+        hits = [m for m in built if wanted(m)]
+        if hits:
+            return max(hits, key=lambda m: m["artifact"].get("created", ""))["artifact"]["recipe"]
+    return None
 
 
 def fast_path_recipe(root: str | Path) -> str | None:

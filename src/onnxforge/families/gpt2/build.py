@@ -22,7 +22,7 @@ import numpy as np
 from ...config import Recipe
 from ...runtime.artifact import make_session
 from ...runtime.text import CausalLM
-from ...sources import weights_sha256
+from ...sources import pocket_training_source, weights_sha256
 from ...store import StageContext, StageParams, StageSpec, ValidationFailed, link_or_copy
 from ..common import (SourceParams, builder_digest, count_parameters, existing_model_dir, fail_on, model_dir_of,
                       name_dims, publish_spec, record_check, sha256_or_missing, source_params, spec_factory)
@@ -108,6 +108,12 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
         # Parity, perplexity and int8 agreement are measured on held-out world lines (the next seed).
         world_check = {"world": {**world, "eval_seed": t.seed + 1}, "world_samples_per_word": body.validate_.world_samples_per_word,
                        "min_world_caption_score": body.validate_.min_world_caption_score}
+    elif src.kind == "path":  # committed pocket weights: held to the oracle of the world they were trained on
+        trained = pocket_training_source(project_dir, src.path)
+        if trained.get("world"):
+            world_check = {"world": {**trained["world"], "eval_seed": trained["seed"] + 1},
+                           "world_samples_per_word": body.validate_.world_samples_per_word,
+                           "min_world_caption_score": body.validate_.min_world_caption_score}
     spec = spec_factory(recipe, BUILDER_DIGEST)
     source = spec("source", None, Gpt2SourceParams(**source_params(recipe, project_dir), **extra), [],
                   doc=f"load {src.kind} weights and tokenizer")

@@ -41,6 +41,7 @@ class ValidateParams(StageParams):
     checks: tuple[Literal["parity", "vs_fp32"], ...]
     quality: SdQualityConfig | None = None  # vs_fp32: the whole-picture comparison settings
     floors: dict | None = None  # vs_fp32: per-submodule cosine/SNR floors and whole-picture floors
+    world: dict | None = None  # pocket-world pipelines: the picture oracle's settings and floors (validate.world_scores)
 
 
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
@@ -71,11 +72,16 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
                          [source], doc="UNet/text/VAE inputs along full denoising trajectories of the calibration prompts")
     validates: dict[str, StageSpec] = {}
     quants: dict[str, StageSpec] = {}  # variants that differ only in the VAE they ship share one quantize stage
+    world = None
+    if body.world is not None:
+        r = body.runtime
+        world = {**body.world.model_dump(), "scheduler": r.scheduler, "steps": r.steps, "guidance_scale": r.guidance_scale,
+                 "size": list(r.size)}
     for name, v in body.variants.items():
         quantized = v.quantized()
         if not quantized:
-            validates[name] = spec("validate", name, ValidateParams(checks=("parity",), vae=v.vae), [export],
-                                   "record parity")
+            validates[name] = spec("validate", name, ValidateParams(checks=("parity",), vae=v.vae, world=world),
+                                   [export], "record parity")
             continue
         subs = {k: quant_params(getattr(v, k)) for k in SUBMODULES}
         key = json.dumps(subs, sort_keys=True)
@@ -86,7 +92,7 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
         floors = {"submodules": {k: {"min_cosine": q.min_cosine, "min_snr_db": q.min_snr_db} for k, q in quantized.items()},
                   "min_psnr_db": v.min_psnr_db, "min_ssim": v.min_ssim, "min_clip_score": v.min_clip_score}
         validates[name] = spec("validate", name, ValidateParams(checks=("vs_fp32",), quality=body.quality, floors=floors,
-                                                               vae=v.vae),
+                                                               vae=v.vae, world=world),
                                [quant], "measure quality vs fp32")
     return {name: publish_spec(spec, name, v, runtime_defaults(body)) for name, v in validates.items()}
 

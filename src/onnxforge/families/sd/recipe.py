@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -73,8 +73,20 @@ class SdTaesd(OneOf):
     random: SdTaesdRandom | None = None
 
 
+class SdTrainSource(Strict):
+    """The pocket SD (issue 16): VAE, CLIP text encoder and UNet trained here on the pocket world's pictures and
+    captions (families/sd/pocket.py); the architecture is the module's, the schedule these keys."""
+
+    seed: int = Field(default=0, ge=0)
+    examples: int = Field(default=4000, ge=100, le=100_000, description="world pictures to learn from")
+    vae_steps: int = Field(default=1500, ge=1, le=100_000)
+    unet_steps: int = Field(default=6000, ge=1, le=200_000, description="text encoder + UNet steps (batch 32)")
+
+
 class SdSource(Source):
+    KINDS: ClassVar[tuple[str, ...]] = ("hub", "path", "random", "train")
     random: SdRandomSource | None = None
+    train: SdTrainSource | None = None
     lora: SdLora | None = None  # fused into the UNet in the source stage
     taesd: SdTaesd | None = None  # exported beside the SD VAE; a variant picks it with `vae: taesd`
 
@@ -232,6 +244,17 @@ class SdVariant(Strict):
         return {name: getattr(self, name) for name in SD_SUBMODULES if getattr(self, name).mode != "float"}
 
 
+class SdWorldOracle(Strict):
+    """For pipelines trained on the pocket world (issue 16): pictures drawn from held-out world captions with the
+    recipe's runtime defaults, read by the world's picture oracle (onnxforge.world.read_picture)."""
+
+    pictures: int = Field(default=48, ge=1, le=1000)
+    seed: int = Field(default=1000, ge=0, description="captions and noise seeds; training uses others")
+    min_colour: float | None = Field(default=None, ge=0, le=1, description="fraction with the caption's colour")
+    min_shape: float | None = Field(default=None, ge=0, le=1, description="fraction with the caption's shape")
+    max_drop: float | None = Field(default=None, ge=0, le=1, description="quantized: most a score may fall below fp32's")
+
+
 class SdRecipe(RecipeBody):
     family: Literal["sd"]
     source: SdSource
@@ -240,6 +263,7 @@ class SdRecipe(RecipeBody):
     calibration: SdCalibrationConfig = SdCalibrationConfig()
     quality: SdQualityConfig = SdQualityConfig()
     runtime: SdRuntimeConfig = SdRuntimeConfig()
+    world: SdWorldOracle | None = None  # pocket-world pipelines: the picture oracle gates every variant
     # Variant name -> per-submodule storage. A variant with every submodule float is an fp32 artifact.
     variants: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$")], SdVariant]
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ...config import RecipeError
-from ...sources import SourceError, hub_snapshot, local_folder, weights_sha256
+from ...sources import SourceError, hub_snapshot, local_folder, verify_pocket_folder, weights_sha256
 from ...store import StageContext, StageSpec
 from ..common import count_parameters, existing_model_dir
 
@@ -116,6 +116,7 @@ def _path_folder(params: dict, ctx: StageContext) -> Path:
     folder = folder if folder.is_absolute() else ctx.project_dir / folder
     if not folder.is_dir():
         raise SourceError(f"source.path: {folder} is not a folder; give a local folder laid out like the Hub repo")
+    verify_pocket_folder(folder)
     return folder
 
 
@@ -145,12 +146,21 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         gc.collect()
         source = {"kind": "random", "seed": p.seed, "config": p.config}
         rel = "model"
+    elif p.kind == "train":
+        from .pocket import train_pocket
+
+        training = train_pocket(out / "model", **p.config)
+        source = {"kind": "train", "seed": p.seed, "pocket": {"training": training}}
+        rel = "model"
     else:
         if p.kind == "hub":
             model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
         else:
             model_dir = _path_folder(p, ctx)
             source = {"kind": "path", "path": str(model_dir)}
+            pocket = verify_pocket_folder(model_dir)
+            if pocket is not None:  # trained weights committed with their digests (issue 16)
+                source["pocket"] = {"command": pocket["command"], "training": pocket["training"]}
         rel = str(model_dir)
     _check_layout(model_dir)
     if p.lora or p.taesd:  # a folder of our own: links to the source's parts, the fused UNet, TAESD

@@ -137,6 +137,9 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         results["parity"] = {n: r for n, r in export_rec["parity"].items() if n in shipped.values()}
         record_check(checks, "runtime tokenization == CLIPTokenizer", export_rec["recorded"]["tokenizer_texts_checked"],
                      "all texts", True)
+        if p.world:
+            results["world"] = world_scores(out, runtime, files, p.world)
+            world_checks(checks, results["world"], p.world)
         results["checks_run"] = list(p.checks)
         fail_on(checks, results)
         return {"components": files, "validation": results, "runtime": runtime}
@@ -205,6 +208,52 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     elif floors["min_clip_score"] is not None:
         clip["floor"] = f"min_clip_score {floors['min_clip_score']} not checked: no CLIP model"
     results["clip_score"] = clip
+    if p.world:
+        del fp32, ours
+        gc.collect()
+        results["world"] = world_scores(out, runtime, files, p.world)
+        results["world"]["fp32"] = world_scores(export_dir, runtime, files, p.world)
+        world_checks(checks, results["world"], p.world)
     results["checks_run"] = list(p.checks)
     fail_on(checks, results)
     return {"components": files, "validation": results, "runtime": runtime}
+
+
+def world_scores(folder: Path, runtime: dict, files: dict, world_cfg: dict) -> dict:
+    """The pocket world's picture oracle on this folder's components: held-out captions drawn with the recipe's
+    runtime defaults, each read back for its colour, shape and background (onnxforge.world)."""
+    from ... import world
+    from ...runtime.sd import StableDiffusion
+
+    width, height = world_cfg["size"]
+    rt = {**runtime, "scheduler": world_cfg["scheduler"], "steps": world_cfg["steps"], "max_steps": world_cfg["steps"],
+          "guidance_scale": world_cfg["guidance_scale"], "width": width, "height": height,
+          "min_size": min(width, height), "max_size": max(width, height)}
+    sd = StableDiffusion.from_folder(folder, rt, files, label={"recipe": "world-oracle"})
+    captions = [scene.caption for scene, _, _ in world.dataset(world.WorldConfig(size=width), world_cfg["seed"],
+                                                                world_cfg["pictures"])]
+    hits = {"colour": 0, "shape": 0, "background": 0, "both": 0}
+    for i, caption in enumerate(captions):
+        want = world.parse_caption(caption)
+        got = world.read_picture(sd.generate(caption, seed=world_cfg["seed"] + i, steps=world_cfg["steps"],
+                                             guidance_scale=world_cfg["guidance_scale"],
+                                             scheduler=world_cfg["scheduler"], width=width, height=height).image)
+        colour, shape = got.colour == want.shapes[0].colour, got.shape == want.shapes[0].shape
+        hits["colour"] += colour
+        hits["shape"] += shape
+        hits["both"] += colour and shape
+        hits["background"] += got.background == want.background
+    n = len(captions)
+    return {"pictures": n, "seed": world_cfg["seed"], **{k: round(v / n, 4) for k, v in hits.items()}}
+
+
+def world_checks(checks: list, scores: dict, world_cfg: dict) -> None:
+    for key in ("colour", "shape"):
+        floor = world_cfg.get(f"min_{key}")
+        if floor is not None:
+            record_check(checks, f"world oracle: {key} right (fraction of {scores['pictures']} pictures)",
+                         scores[key], floor, scores[key] >= floor)
+        if "fp32" in scores and world_cfg.get("max_drop") is not None:
+            drop = round(scores["fp32"][key] - scores[key], 4)
+            record_check(checks, f"world oracle: {key} drop vs fp32", drop, world_cfg["max_drop"],
+                         drop <= world_cfg["max_drop"])
