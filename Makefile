@@ -6,8 +6,8 @@
 #   make web    install, build the default artifacts, serve the demo page on http://127.0.0.1:7860
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WORD ?= lighthouse
-EDIT ?= make it red
+WORD ?= star
+EDIT ?= make it green
 PICK ?= 1
 
 .PHONY: setup browser web demo build test check bench-medium bench-sam-base bench-sd-random clean
