@@ -151,6 +151,26 @@ def test_batched_equals_one_by_one(predictor):
     assert all(a.index == b.index and mask_iou(a.mask, b.mask) == 1.0 for a, b in zip(one, batched))
 
 
+def test_low_res_filtering_equals_exact_without_stability_and_nms(predictor):
+    """SAM 2 stretches the picture over the whole low-res map: with only the IoU test both "segment everything"
+    paths resize the same masks, and the low-res NMS boxes lie within one low-res pixel of the exact ones."""
+    kwargs = dict(points_per_side=5, pred_iou_threshold=0.0, stability_threshold=0.0, nms_threshold=1.0)
+    fast, exact = (predictor.segment_everything(exact=e, **kwargs) for e in (False, True))
+    assert len(fast) == len(exact) >= 2
+    for a, b in zip(fast, exact):
+        assert (a.index, a.score, a.area, a.bbox) == (b.index, b.score, b.area, b.bbox)
+        np.testing.assert_array_equal(a.mask, b.mask)
+    st = predictor._current()
+    coords = sp.transform_points(sp.point_grid(5) * (W, H), st.original_size, st.reshaped_size)
+    (_, _, low), = predictor._grid_proposals(coords, 64, 0.0)
+    assert predictor._low_res_view(low).shape == low.shape  # the whole map shows the picture
+    _, _, fy, fx = predictor._low_res_geometry(low.shape[-1])
+    masks = predictor._upscale(low[None], binarize=True)[0]
+    present = masks.any(axis=(1, 2))
+    diff = np.abs(predictor._low_res_boxes(low)[present] - sp.masks_to_boxes(masks[present]))
+    assert (diff[:, [0, 2]] <= np.ceil(fx)).all() and (diff[:, [1, 3]] <= np.ceil(fy)).all()
+
+
 def test_64px_variant_runs_the_same_weights_at_its_size(sam2_tiny, torch_model):
     small = Sam2Predictor(art.load(sam2_tiny.variant("fp32-64", "sam2-tiny")))
     small.set_image(_picture())
