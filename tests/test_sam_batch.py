@@ -89,7 +89,9 @@ def test_min_region_area_cleans_candidates(predictor):
 
 # ---- low-resolution filtering (the default) against the exact path -------------------------------------
 
-STABILITY_TOL = 0.05  # |stability on the low-res logits - stability at the picture's size|, measured max 0.0xx here
+# |low-res - picture-size stability|: measured max 0.35 on the tiny model, whose picture shows in 32 x 18
+# low-res logits (at 1024 px input the logits are 256 x 256, so the gap should be far smaller: unmeasured).
+STABILITY_TOL = 0.4
 
 
 def _grid_logits(predictor, n=6):

@@ -411,7 +411,7 @@ class SamPredictor:
             idx = kept[sub:sub + 8]
             for k, mask in zip(idx, self._upscale(low[idx][None], binarize=True)[0]):
                 area = int(mask.sum())
-                if area:  # a mask can vanish in the resize (or be empty from the start): dropped, as the exact path does
+                if area:  # empty after the resize: dropped, as the exact path does
                     candidates.append(Candidate(int(index[k]), mask, float(scores[k]), float(stability[k]), area,
                                                 sp.mask_to_box(mask)))
         return candidates
