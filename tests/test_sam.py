@@ -261,8 +261,9 @@ def test_segment_everything_matches_pytorch_pipeline(predictor, torch_ref):
     cands = sp.filter_candidates(logits, scores, iou_threshold=iou_t, stability_threshold=stab_t)
     keep = sp.mask_nms([c.mask for c in cands], [c.score for c in cands], nms_t)
     ref = sp.order_candidates([cands[i] for i in keep])
+    # exact=True: transformers' order (tests/test_sam_batch.py compares the default low-res filtering with it).
     ours = predictor.segment_everything(points_per_side=n, points_per_batch=16, pred_iou_threshold=iou_t,
-                                        stability_threshold=stab_t, nms_threshold=nms_t)
+                                        stability_threshold=stab_t, nms_threshold=nms_t, exact=True)
     assert len(ours) == len(ref) >= 2 and len(keep) < len(cands) < scores.size
     for a, b in zip(ours, ref):
         assert a.index == b.index and mask_iou(a.mask, b.mask) >= MIN_MASK_IOU

@@ -26,6 +26,7 @@ from onnxforge.runtime import sam_processing as sp
 from onnxforge.runtime.sam import Sam2Predictor, SamPredictor, mask_iou, open_predictor
 
 from conftest import REPO, run_cli
+from test_sam_batch import assert_low_res_boxes_near
 
 # Measured on the tiny model (torch 2.13 CPU, onnxruntime 1.32): encoder outputs ~1e-7, decoder logits
 # ~7e-6, every mask IoU 1.0.
@@ -145,10 +146,26 @@ def test_batched_equals_one_by_one(predictor):
             ref_masks, ref_scores = predictor.predict(**pr, multimask=multimask)
             assert all(mask_iou(a, b) == 1.0 for a, b in zip(masks, ref_masks))
             np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
-    kwargs = dict(points_per_side=4, pred_iou_threshold=0.0, stability_threshold=0.0)
+    kwargs = dict(points_per_side=4, pred_iou_threshold=0.0, stability_threshold=0.0, nms_threshold=0.99)
     one, batched = (predictor.segment_everything(points_per_batch=b, **kwargs) for b in (1, 64))
     assert len(one) == len(batched) >= 2
     assert all(a.index == b.index and mask_iou(a.mask, b.mask) == 1.0 for a, b in zip(one, batched))
+
+
+def test_low_res_filtering_equals_exact_without_stability_and_nms(predictor):
+    """SAM 2 stretches the picture over the whole low-res map: with only the IoU test both "segment everything"
+    paths resize the same masks, and the low-res NMS boxes are near the picture-size ones (as for SAM)."""
+    kwargs = dict(points_per_side=5, pred_iou_threshold=0.0, stability_threshold=0.0, nms_threshold=1.0)
+    fast, exact = (predictor.segment_everything(exact=e, **kwargs) for e in (False, True))
+    assert len(fast) == len(exact) >= 2
+    for a, b in zip(fast, exact):
+        assert (a.index, a.score, a.area, a.bbox) == (b.index, b.score, b.area, b.bbox)
+        np.testing.assert_array_equal(a.mask, b.mask)
+    st = predictor._current()
+    coords = sp.transform_points(sp.point_grid(5) * (W, H), st.original_size, st.reshaped_size)
+    (_, _, low), = predictor._grid_proposals(coords, 64, 0.0)
+    assert predictor._low_res_view(low).shape == low.shape  # the whole map shows the picture
+    assert_low_res_boxes_near(predictor, low, predictor._upscale(low[None], binarize=True)[0])
 
 
 def test_64px_variant_runs_the_same_weights_at_its_size(sam2_tiny, torch_model):

@@ -87,6 +87,70 @@ def test_min_region_area_cleans_candidates(predictor):
         assert (sp.connected_components(~c.mask)[1][1:] >= 200).all()  # no small hole left
 
 
+# ---- low-resolution filtering (the default) against the exact path -------------------------------------
+
+# |low-res - picture-size stability|: measured max 0.35 on the tiny model, whose picture shows in 32 x 18
+# low-res logits (at 1024 px input the logits are 256 x 256, so the gap should be far smaller: unmeasured).
+STABILITY_TOL = 0.4
+
+
+def _grid_logits(predictor, n=6):
+    """Every multimask output of an n x n grid: scores, low-res logits, picture-size logits."""
+    st = predictor._current()
+    coords = sp.transform_points(sp.point_grid(n) * (W, H), st.original_size, st.reshaped_size)
+    (_, scores, low), = predictor._grid_proposals(coords, 64, 0.0)
+    return scores, low, predictor._upscale(low[None], binarize=False)[0]
+
+
+def test_low_res_filtering_equals_exact_without_stability_and_nms(predictor):
+    """With only the IoU test (on scores, before any resize), both paths resize the same masks."""
+    scores, _, _ = _grid_logits(predictor)
+    kwargs = dict(points_per_side=6, pred_iou_threshold=float(np.median(scores)), stability_threshold=0.0,
+                  nms_threshold=1.0)
+    fast, exact = (predictor.segment_everything(exact=e, **kwargs) for e in (False, True))
+    assert len(fast) == len(exact) >= 2
+    for a, b in zip(fast, exact):
+        assert (a.index, a.score, a.area, a.bbox) == (b.index, b.score, b.area, b.bbox)
+        np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_low_res_stability_within_the_stated_tolerance(predictor):
+    """Stability on the low-res logits is within STABILITY_TOL of the picture-size one, so the two paths keep
+    the same masks except those whose stability lies within STABILITY_TOL of the threshold."""
+    scores, low, full = _grid_logits(predictor)
+    s_low = sp.stability_score(predictor._low_res_view(low))
+    s_full = sp.stability_score(full)
+    assert np.abs(s_low - s_full).max() <= STABILITY_TOL
+    threshold = float(np.median(s_full))
+    kwargs = dict(points_per_side=6, pred_iou_threshold=0.0, stability_threshold=threshold, nms_threshold=1.0)
+    fast, exact = ({c.index: c for c in predictor.segment_everything(exact=e, **kwargs)} for e in (False, True))
+    near = set(np.flatnonzero(np.abs(s_full - threshold) <= STABILITY_TOL).tolist())
+    assert set(fast) ^ set(exact) <= near and len(set(fast) & set(exact)) >= 2
+    for i in set(fast) & set(exact):
+        np.testing.assert_array_equal(fast[i].mask, exact[i].mask)
+
+
+def test_low_res_boxes_near_the_picture_size_boxes(predictor):
+    """The NMS boxes of the low-res path contain the picture-size masks' boxes up to one low-res pixel, and most
+    agree with them within one low-res pixel (a weakly positive low-res pixel can vanish in the resize)."""
+    _, low, full = _grid_logits(predictor)
+    assert_low_res_boxes_near(predictor, low, full > 0.0)
+
+
+def assert_low_res_boxes_near(predictor, low, masks, min_agreeing=0.9):
+    """Shared with test_sam2.py. Measured on the tiny models: containment slack within one low-res pixel,
+    91-100 % of the boxes within one low-res pixel in every coordinate."""
+    _, _, fy, fx = predictor._low_res_geometry(low.shape[-1])
+    present = masks.any(axis=(1, 2))
+    assert present.sum() >= 2
+    low_box, box = predictor._low_res_boxes(low)[present], sp.masks_to_boxes(masks[present])
+    slack = np.concatenate([box[:, :2] - low_box[:, :2], low_box[:, 2:] - box[:, 2:]], axis=1)  # >= 0: contained
+    assert (slack[:, [0, 2]] >= -np.ceil(fx)).all() and (slack[:, [1, 3]] >= -np.ceil(fy)).all()
+    diff = np.abs(low_box - box)
+    agreeing = ((diff[:, [0, 2]] <= np.ceil(fx)) & (diff[:, [1, 3]] <= np.ceil(fy))).all(axis=1)
+    assert agreeing.mean() >= min_agreeing
+
+
 # ---- the filters against transformers ---------------------------------------------------------------
 
 

@@ -448,3 +448,23 @@ def test_import_does_not_pull_in_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_masks_to_boxes_matches_mask_to_box():
+    rng = np.random.default_rng(0)
+    masks = rng.random((12, 23, 31)) < 0.02  # sparse: boxes of every shape, some masks empty
+    masks[3] = False
+    masks[4, 22, 30] = True
+    boxes = sp.masks_to_boxes(masks)
+    assert boxes.shape == (12, 4) and tuple(boxes[3]) == (0, 0, 0, 0)
+    assert [tuple(b) for b in boxes] == [sp.mask_to_box(m) for m in masks]
+    assert sp.masks_to_boxes(np.zeros((0, 5, 5), bool)).shape == (0, 4)
+
+
+def test_box_nms_is_mask_nms_on_the_masks_boxes():
+    a, a_shifted, b = _square(60, 60, 10, 10, 20), _square(60, 60, 11, 11, 20), _square(60, 60, 40, 40, 15)
+    boxes = sp.masks_to_boxes(np.stack([a, a_shifted, b]))
+    for scores in ([0.9, 0.8, 0.7], [0.8, 0.9, 0.95], [0.5, 0.5, 0.5]):
+        np.testing.assert_array_equal(sp.box_nms(boxes, scores), sp.mask_nms([a, a_shifted, b], scores))
+    with pytest.raises(ValueError, match=r"3 boxes but 2 scores"):
+        sp.box_nms(boxes, [0.1, 0.2])

@@ -592,7 +592,7 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--overlay", help="overlay PNG (default: <out>-overlay.png beside --out)")
     sg.add_argument("--points-per-side", type=int, help="--everything grid size, 1 to 64 (default: the manifest's)")
     sg.add_argument("--points-per-batch", type=int, help="--everything: grid points per decoder call "
-                                                         "(default: the manifest's, 64)")
+                                                         "(default: the manifest's; 32 in the full-size recipes)")
     sg.add_argument("--pred-iou-threshold", type=float, help="--everything: keep masks SAM rates above this "
                                                              "(<= 0 keeps all; default: the manifest's)")
     sg.add_argument("--stability-threshold", type=float, help="--everything: keep masks at least this stable "

@@ -23,6 +23,7 @@ multimask outputs) with their predicted IoU, so either mode is a slice.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +316,8 @@ class SamPredictor:
 
     def segment_everything(self, points_per_side: int | None = None, points_per_batch: int | None = None,
                            pred_iou_threshold: float | None = None, stability_threshold: float | None = None,
-                           nms_threshold: float | None = None, min_region_area: int | None = None) -> list[Candidate]:
+                           nms_threshold: float | None = None, min_region_area: int | None = None,
+                           exact: bool = False) -> list[Candidate]:
         """Every object SAM finds from a grid of single-point prompts, largest first.
 
         A points_per_side^2 grid of positive points, points_per_batch per decoder
@@ -325,6 +327,13 @@ class SamPredictor:
         smaller than that many pixels and repeats the NMS preferring unchanged masks
         (SAM's AutomaticMaskGenerator.postprocess_small_regions). Defaults come from
         the manifest. Candidate i of the returned list is the object a person calls "number i + 1".
+
+        By default the stability score and the NMS boxes come from the decoder's low-resolution logits
+        (256 x 256 over the encoder's input), and only the masks that survive NMS are resized to the
+        picture: resizing is most of the cost once many masks pass the IoU test. `exact=True` does
+        what transformers' mask-generation pipeline does instead (every IoU survivor resized, stability
+        and boxes at the picture's size); the two agree on a mask except near the stability threshold
+        and where the NMS boxes differ by the resolution (tests/test_sam_batch.py states how much).
         """
         ev = self.runtime["everything"]
         n = int(ev["points_per_side"] if points_per_side is None else points_per_side)
@@ -339,38 +348,99 @@ class SamPredictor:
             raise ValueError(f"points per batch must be >= 1 (got {batch})")
         if min_area < 0:
             raise ValueError(f"min_region_area must be >= 0 pixels (got {min_area})")
+        # 1. the grid, in the encoder's frame
         st = self._current()
         h, w = st.original_size
         grid = sp.point_grid(n) * np.array([w, h], dtype=np.float64)
         coords = sp.transform_points(grid, st.original_size, st.reshaped_size)
-        keep_tokens = self.mask_outputs(True)
-        candidates: list[Candidate] = []
-        for start in range(0, len(coords), batch):
-            chunk = coords[start:start + batch]
-            pad = np.zeros_like(chunk)
-            pc = np.stack([chunk, pad], axis=1)  # (P, 2, 2): the point, then SAM's padding point
-            pl = np.tile(np.array([self.labels["positive"], self.labels["padding"]], np.int64), (len(chunk), 1))
-            iou, low_res = self.decode(pc, pl)
-            iou, low_res = iou[:, keep_tokens], low_res[:, keep_tokens]
-            flat_iou = iou.reshape(-1)
-            # The IoU test is cheap: apply it before upscaling, so only survivors pay for
-            # the full-size resize (same result, the filters are a plain AND).
-            survivors = np.flatnonzero(flat_iou > iou_t) if iou_t > 0 else np.arange(flat_iou.size)
-            flat_low = low_res.reshape(-1, *low_res.shape[-2:])
-            for sub in range(0, len(survivors), 8):  # a few full-size float masks at a time
-                idx = survivors[sub:sub + 8]
-                logits = self._upscale(flat_low[idx][None], binarize=False)[0]
-                found = sp.filter_candidates(logits, flat_iou[idx], iou_threshold=iou_t, stability_threshold=stab_t,
-                                             mask_threshold=self.runtime["mask_threshold"],
-                                             stability_offset=ev["stability_offset"])
-                for c in found:
-                    c.index = start * len(keep_tokens) + int(idx[c.index])  # global: point * 3 + mask
-                candidates.extend(found)
-        kept = sp.mask_nms([c.mask for c in candidates], [c.score for c in candidates], nms_t)
-        candidates = [candidates[i] for i in kept]
+        # 2. the decoder in batches (a generator: the filters below take one batch at a time)
+        proposals = self._grid_proposals(coords, batch, iou_t)
+        # 3. stability, NMS, then the survivors at the picture's size
+        filt = self._filter_exact if exact else self._filter_low_res
+        candidates = filt(proposals, iou_t, stab_t, nms_t, ev["stability_offset"])
+        # 4. SAM's small-region clean-up
         if min_area > 0:
             candidates = _clean_small_regions(candidates, min_area, nms_t)
         return sp.order_candidates(candidates)
+
+    def _grid_proposals(self, coords: np.ndarray, batch: int, iou_t: float):
+        """Per decoder call: (global indices, scores, low-res logits) of the multimask outputs rated above
+        iou_t. The IoU test is on the scores, before anything is resized (the filters are a plain AND)."""
+        keep_tokens = self.mask_outputs(True)
+        for start in range(0, len(coords), batch):
+            chunk = coords[start:start + batch]
+            pc = np.stack([chunk, np.zeros_like(chunk)], axis=1)  # (P, 2, 2): the point, then SAM's padding point
+            pl = np.tile(np.array([self.labels["positive"], self.labels["padding"]], np.int64), (len(chunk), 1))
+            iou, low_res = self.decode(pc, pl)
+            flat_iou = iou[:, keep_tokens].reshape(-1)
+            survivors = np.flatnonzero(flat_iou > iou_t) if iou_t > 0 else np.arange(flat_iou.size)
+            flat_low = low_res[:, keep_tokens].reshape(-1, *low_res.shape[-2:])
+            # global index: point * 3 + mask
+            yield start * len(keep_tokens) + survivors, flat_iou[survivors], flat_low[survivors]
+
+    def _filter_exact(self, proposals, iou_t, stab_t, nms_t, offset) -> list[Candidate]:
+        """transformers' order: each IoU survivor resized to the picture, stability and boxes there, NMS."""
+        candidates: list[Candidate] = []
+        for index, scores, low in proposals:
+            for sub in range(0, len(index), 8):  # a few full-size float masks at a time
+                logits = self._upscale(low[sub:sub + 8][None], binarize=False)[0]
+                found = sp.filter_candidates(logits, scores[sub:sub + 8], iou_threshold=iou_t,
+                                             stability_threshold=stab_t, mask_threshold=self.runtime["mask_threshold"],
+                                             stability_offset=offset)
+                for c in found:
+                    c.index = int(index[sub + c.index])
+                candidates.extend(found)
+        kept = sp.mask_nms([c.mask for c in candidates], [c.score for c in candidates], nms_t)
+        return [candidates[i] for i in kept]
+
+    def _filter_low_res(self, proposals, iou_t, stab_t, nms_t, offset) -> list[Candidate]:
+        """Stability and NMS boxes on the low-resolution logits (the part that shows the picture); only the
+        NMS survivors are resized. Their area and box are then measured on the picture-size mask; their
+        `stability` stays the low-resolution one."""
+        t = float(self.runtime["mask_threshold"])
+        kept_parts = []
+        for index, scores, low in proposals:
+            view = self._low_res_view(low)
+            stability = sp.stability_score(view, t, offset)
+            keep = stability > stab_t if stab_t > 0.0 else np.ones(len(index), dtype=bool)
+            kept_parts.append((index[keep], scores[keep], stability[keep], low[keep]))
+        index, scores, stability, low = (np.concatenate([p[k] for p in kept_parts]) for k in range(4))
+        kept = sp.box_nms(self._low_res_boxes(low), scores, nms_t)  # best first, as the exact path's list
+        candidates = []
+        for sub in range(0, len(kept), 8):  # a few full-size masks at a time
+            idx = kept[sub:sub + 8]
+            for k, mask in zip(idx, self._upscale(low[idx][None], binarize=True)[0]):
+                area = int(mask.sum())
+                if area:  # empty after the resize: dropped, as the exact path does
+                    candidates.append(Candidate(int(index[k]), mask, float(scores[k]), float(stability[k]), area,
+                                                sp.mask_to_box(mask)))
+        return candidates
+
+    def _low_res_geometry(self, side: int):
+        """Of the decoder's side x side logits over the encoder's square input: the vh x vw corner that
+        shows the picture (SAM pads the rest; SAM 2 stretches the picture over all of it), and how many
+        picture pixels (fy, fx) one low-res pixel spans."""
+        st = self._current()
+        (orig_h, orig_w), (new_h, new_w) = st.original_size, st.reshaped_size
+        frac = side / self.image_size
+        return math.ceil(new_h * frac), math.ceil(new_w * frac), orig_h / (new_h * frac), orig_w / (new_w * frac)
+
+    def _low_res_view(self, low: np.ndarray) -> np.ndarray:
+        vh, vw, _, _ = self._low_res_geometry(low.shape[-1])
+        return low[..., :vh, :vw]
+
+    def _low_res_boxes(self, low: np.ndarray) -> np.ndarray:
+        """(N, 4) xyxy picture-pixel boxes of the low-res masks: low-res pixels x0..x1 cover picture pixels
+        floor(x0 * fx) .. ceil((x1 + 1) * fx) - 1 (so within one low-res pixel of the picture-size mask's box)."""
+        _, _, fy, fx = self._low_res_geometry(low.shape[-1])
+        h, w = self._current().original_size
+        binary = self._low_res_view(low) > self.runtime["mask_threshold"]
+        box = sp.masks_to_boxes(binary).astype(np.float64)
+        boxes = np.stack([np.floor(box[:, 0] * fx), np.floor(box[:, 1] * fy),
+                          np.minimum(np.ceil((box[:, 2] + 1) * fx) - 1, w - 1),
+                          np.minimum(np.ceil((box[:, 3] + 1) * fy) - 1, h - 1)], axis=1)
+        boxes[~binary.any(axis=(-1, -2))] = 0  # an empty mask: a zero-area box, which NMS never matches
+        return boxes
 
     # ---- pictures ---------------------------------------------------------------------
 

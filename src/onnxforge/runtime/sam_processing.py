@@ -465,22 +465,32 @@ def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def mask_nms(masks_bool, scores, iou_threshold: float = 0.7) -> np.ndarray:
-    """Greedy non-maximum suppression; returns kept indices, best score first.
+def masks_to_boxes(masks_bool) -> np.ndarray:
+    """(N, H, W) bool masks -> (N, 4) int64 tight xyxy boxes in inclusive pixels, (0, 0, 0, 0) when empty.
 
-    Overlap is the IoU of the masks' bounding boxes, as SAM's automatic mask
-    generator (and transformers' ``post_process_for_mask_generation``) do with
-    torchvision's ``batched_nms``: cheap, and it matches the reference. Boxes use
-    inclusive pixel indices with area (x1-x0)*(y1-y0), as there; a box of zero
-    area therefore never suppresses or is suppressed.
+    ``mask_to_box`` for a whole batch at once.
+    """
+    masks = np.asarray(masks_bool, dtype=bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
+    rows, cols = masks.any(axis=2), masks.any(axis=1)
+    h, w = masks.shape[1:]
+    boxes = np.stack([cols.argmax(axis=1), rows.argmax(axis=1),
+                      w - 1 - cols[:, ::-1].argmax(axis=1), h - 1 - rows[:, ::-1].argmax(axis=1)], axis=1)
+    boxes[~rows.any(axis=1)] = 0
+    return boxes.astype(np.int64)
+
+
+def box_nms(boxes, scores, iou_threshold: float = 0.7) -> np.ndarray:
+    """Greedy non-maximum suppression of xyxy boxes; returns kept indices, best score first.
+
+    torchvision's ``nms`` contract: area (x1-x0)*(y1-y0), suppress when IoU > iou_threshold,
+    ties in score keep input order.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    boxes = np.array([mask_to_box(np.asarray(m, dtype=bool)) for m in masks_bool], dtype=np.float64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if boxes.shape[0] != scores.shape[0]:
-        raise ValueError(f"{boxes.shape[0]} masks but {scores.shape[0]} scores")
-    if boxes.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-
+        raise ValueError(f"{boxes.shape[0]} boxes but {scores.shape[0]} scores")
     order = np.argsort(-scores, kind="stable")  # ties keep input order
     suppressed = np.zeros(len(order), dtype=bool)
     keep = []
@@ -491,6 +501,17 @@ def mask_nms(masks_bool, scores, iou_threshold: float = 0.7) -> np.ndarray:
         rest = order[rank + 1:]
         suppressed[rank + 1:] |= _box_iou(boxes[i], boxes[rest]) > iou_threshold
     return np.asarray(keep, dtype=np.int64)
+
+
+def mask_nms(masks_bool, scores, iou_threshold: float = 0.7) -> np.ndarray:
+    """Greedy non-maximum suppression of masks by the IoU of their bounding boxes; kept indices, best first.
+
+    As SAM's automatic mask generator (and transformers' ``post_process_for_mask_generation``) do with
+    torchvision's ``batched_nms``: cheap, and it matches the reference. Boxes use inclusive pixel indices
+    with area (x1-x0)*(y1-y0), as there; a box of zero area therefore never suppresses or is suppressed.
+    """
+    boxes = np.array([mask_to_box(np.asarray(m, dtype=bool)) for m in masks_bool], dtype=np.float64)
+    return box_nms(boxes.reshape(-1, 4), scores, iou_threshold)
 
 
 def _runs(mask: np.ndarray):

@@ -44,11 +44,12 @@ SETTINGS = {
     "prompts": (20, int, "timed point and box prompts each"),
     "points_per_side": ("16", str, "everything-mode grid(s), e.g. 16,32 (the first is the headline figure)"),
     "batch": (64, int, "point prompts per decoder call in the batched-decoder timing"),
+    "points_per_batch": (0, int, "segment everything: grid points per decoder call (0: the artifact's default)"),
     "image": ("1024x768", str, "picture size(s) WIDTHxHEIGHT, e.g. 1024x768,512x512 (the first is the headline)"),
     "arena": (False, bool, "encoder with onnxruntime's memory arena (as segment --arena)"),
 }
 HEADERS = ("picture", "input px", "encoder ms (mean / p95)", "decoder ms point / box", "decoder ms per batch (per prompt)",
-           "predict ms point / box", "everything s per grid (candidates)", "peak RSS MiB", "encoder MiB", "decoder MiB")
+           "predict ms point / box", "everything s per grid (candidates; decoder s)", "peak RSS MiB", "encoder MiB", "decoder MiB")
 PANELS = (("encoder ms (mean)", lambda r: r["encoder_ms"]["mean"]),
           ("decoder ms per point", lambda r: r["decoder_point_ms"]["mean"]),
           ("everything s", lambda r: r["everything_s"]),
@@ -60,6 +61,8 @@ def check(s: dict) -> None:
     grids = _grids(s["points_per_side"])
     if s["runs"] < 1 or s["warmup"] < 0 or s["prompts"] < 1 or min(grids) < 1 or s["batch"] < 1:
         raise ValueError("runs, prompts, batch and points per side must be >= 1, warmup >= 0")
+    if s["points_per_batch"] < 0:
+        raise ValueError("points per batch must be >= 1, or 0 for the artifact's default")
 
 
 def jobs(manifest: dict, s: dict) -> list[dict]:
@@ -110,17 +113,31 @@ def child(job: dict, a) -> dict:
         predictor.decode(coords, codes)
         if i >= job["warmup"]:
             batch.append((time.perf_counter() - t) * 1e3)
+    # Segment everything, with the decoder's share of the time (the rest is numpy filtering and resizing).
+    decode, decoder_s = predictor.decode, [0.0]
+
+    def timed_decode(*args, **kwargs):
+        t = time.perf_counter()
+        out = decode(*args, **kwargs)
+        decoder_s[0] += time.perf_counter() - t
+        return out
+
+    predictor.decode = timed_decode
     everything = {}
     for grid in job["points_per_side"]:
+        decoder_s[0] = 0.0
         t = time.perf_counter()
-        candidates = predictor.segment_everything(points_per_side=grid)
-        everything[str(grid)] = {"s": round(time.perf_counter() - t, 3), "candidates": len(candidates)}
+        candidates = predictor.segment_everything(points_per_side=grid, points_per_batch=job["points_per_batch"] or None)
+        everything[str(grid)] = {"s": round(time.perf_counter() - t, 3), "candidates": len(candidates),
+                                 "decoder_s": round(decoder_s[0], 3)}
+    predictor.decode = decode
     first = everything[str(job["points_per_side"][0])]
     return {"picture": f"{width}x{height}", "input_size": predictor.image_size, "load_s": round(load_s, 3),
             "encoder_ms": stats(encoder), **{f"{k}_ms": stats(v) for k, v in timings.items()},
             "decoder_batch_ms": stats(batch), "decoder_batch_size": n,
             "decoder_batch_per_prompt_ms": round(stats(batch)["mean"] / n, 3),
             "everything_s": first["s"], "everything_candidates": first["candidates"], "everything": everything,
+            "everything_points_per_batch": job["points_per_batch"] or predictor.runtime["everything"]["points_per_batch"],
             "encoder_runs": predictor.encoder_runs, "peak_rss_mib_after_load": rss_loaded,
             "peak_rss_mib": peak_rss_mib()}
 
@@ -174,7 +191,8 @@ def rows(name: str, r: dict) -> list[list[str]]:
         out.append([p.get("picture", "?"), str(p["input_size"]), f"{p['encoder_ms']['mean']:.1f} / {p['encoder_ms']['p95']:.1f}",
                     f"{p['decoder_point_ms']['mean']:.1f} / {p['decoder_box_ms']['mean']:.1f}", batch,
                     f"{p['predict_point_ms']['mean']:.1f} / {p['predict_box_ms']['mean']:.1f}",
-                    ", ".join(f"{g}: {e['s']:.2f} ({e['candidates']})" for g, e in every.items()),
+                    ", ".join(f"{g}: {e['s']:.2f} ({e['candidates']}" + (f"; {e['decoder_s']:.2f})" if "decoder_s" in e else ")")
+                              for g, e in every.items()),
                     f"{p['peak_rss_mib']:.0f}", f"{p['encoder_mib']:.1f}", f"{p['decoder_mib']:.1f}"])
     return out
 
@@ -196,7 +214,8 @@ FIGURES = {
     "encoder_ms": "median ms of the image encoder (a new picture each run)",
     "decoder_ms": "median ms of the mask decoder alone, per point prompt",
 }
-CHECK = {"runs": 3, "warmup": 1, "prompts": 5, "points_per_side": 2, "batch": 4, "image": "320x240", "arena": False}
+CHECK = {"runs": 3, "warmup": 1, "prompts": 5, "points_per_side": 2, "batch": 4, "points_per_batch": 0, "image": "320x240",
+         "arena": False}
 
 
 def check_jobs(manifest: dict, figures: set[str]) -> list[dict]:
