@@ -113,11 +113,13 @@ def run_cli(*args, env=None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def demo_artifacts(tmp_path_factory, tiny, sam_tiny, sd_tiny) -> Path:
-    """One artifacts root holding gpt2-tiny, sd-tiny and sam-tiny (links to the builds above, so nothing
-    is built twice), as `doit build` makes it for the demo."""
+def demo_artifacts(tmp_path_factory, tiny, sam_tiny, sd_tiny, sd_tiny_lcm) -> Path:
+    """One artifacts root holding the default builds gpt2-tiny, sd-tiny, sd-tiny-lcm and sam-tiny (links to the
+    builds above, so nothing is built twice), as `doit build` makes it for the demo: the demo takes the fast
+    path (sd-tiny-lcm) by default; `--image-model sd-tiny` the classic one."""
     root = tmp_path_factory.mktemp("demo-project") / "artifacts"
     root.mkdir()
-    for project, recipe in ((tiny, "gpt2-tiny"), (sd_tiny, "sd-tiny"), (sam_tiny, "sam-tiny")):
+    for project, recipe in ((tiny, "gpt2-tiny"), (sd_tiny, "sd-tiny"), (sd_tiny_lcm, "sd-tiny-lcm"),
+                            (sam_tiny, "sam-tiny")):
         (root / recipe).symlink_to(project.artifacts / recipe, target_is_directory=True)
     return root

@@ -1,4 +1,5 @@
-"""`onnxforge demo` and runtime.demo.Demo on the tiny default artifacts (gpt2-tiny, sd-tiny, sam-tiny):
+"""`onnxforge demo` and runtime.demo.Demo on the tiny default artifacts (gpt2-tiny, sd-tiny, sd-tiny-lcm, sam-tiny;
+the demo takes the fast path, sd-tiny-lcm, by default):
 the scripted run end to end (every file, run.json), replay, the interactive mode through a
 pseudo-terminal, artifact choice from manifests, low-memory mode, and every bad input the issue lists."""
 
@@ -62,27 +63,29 @@ def test_scripted_run_saves_every_file_and_run_json(scripted, demo_artifacts):
     prompt = (run / "prompt.txt").read_text().strip()
     assert prompt.startswith("A detailed, imaginative painting of castle,") and record["prompt"] == prompt
     assert (record["word"], record["prompt_source"], record["seed"]) == ("castle", "gpt2", 7)
-    assert record["size"] == [64, 64] and record["steps"] == 10 and record["scheduler"] == "pndm"
+    # the fast path by default: LCM, 4 steps, guidance 1 (sd-tiny-lcm's manifest)
+    assert record["size"] == [64, 64] and record["steps"] == 4 and record["scheduler"] == "lcm"
     assert record["pick"] == {"number": 1}
     assert record["edit"]["text"] == "make it red" and record["edit"]["kind"] == "recolor"
     assert record["edit"]["color"] == "#ff0000"
     # Which variant is chosen depends on the benchmark figures other tests may have written into the shared
     # tiny builds (test_choice_* pin that logic on private copies); here: the record names a validated build.
-    for role, recipe in (("text", "gpt2-tiny"), ("image", "sd-tiny"), ("mask", "sam-tiny")):
+    for role, recipe in (("text", "gpt2-tiny"), ("image", "sd-tiny-lcm"), ("mask", "sam-tiny")):
         a = record["artifacts"][role]
         manifest = art.read_manifest(art.resolve(demo_artifacts / recipe / a["variant"]))
         assert (a["recipe"], a["version"]) == (recipe, manifest["artifact"]["version"])
         assert manifest["validation"]["passed"] is True
         assert "no benchmark recorded" in a["why"] or "fastest validated variant by its recorded benchmark" in a["why"]
+    assert "fast-path" in record["artifacts"]["image"]["why"]
     assert set(record["seconds"]) == {"prompt", "picture", "candidates", "mask", "edit"}
     assert all(v >= 0 for v in record["seconds"].values()) and record["seconds"]["picture"] > 0
     assert record["peak_rss_mib"] > 50 and record["finished"] is True
     assert record["completed"] == ["prompt", "picture", "candidates", "mask", "edit"]
     # stderr: which artifact and why, the prompt, the timing report, the command that makes it again
-    assert f"using Stable Diffusion: sd-tiny/{record['artifacts']['image']['variant']}" in proc.stderr
+    assert f"using Stable Diffusion: sd-tiny-lcm/{record['artifacts']['image']['variant']}" in proc.stderr
     assert f"prompt: {prompt}" in proc.stderr
     assert "timing: prompt" in proc.stderr and "peak RSS" in proc.stderr
-    assert "again: onnxforge demo --word castle --seed 7 --size 64x64 --steps 10 --pick 1" in proc.stderr
+    assert "again: onnxforge demo --word castle --seed 7 --size 64x64 --steps 4 --pick 1" in proc.stderr
 
 
 def test_scripted_run_pictures(scripted):
@@ -132,6 +135,10 @@ def test_scripted_points_and_generative_edit(demo_artifacts, tmp_path):
     assert record["pick"] == {"points": [[20.0, 20.0], [50.0, 40.0]], "labels": [1, 0]}
     assert record["edit"]["kind"] == "generate" and record["edit"]["prompt"] == "a white cat"
     assert record["edit"]["strength"] == 0.9 and record["size"] == [64, 48]
+    # the generative edit on the fast path: LCM img2img runs all 6 steps, from 45 of its 50 distillation steps
+    assert record["artifacts"]["image"]["recipe"] == "sd-tiny-lcm" and record["scheduler"] == "lcm"
+    assert record["edit"]["steps"] == 6 and record["edit"]["denoising_steps"] == 6
+    assert record["edit"]["timings"]["unet_steps"] == 6
     assert "candidates" not in record["seconds"]  # no "everything" pass when the object is given by points
     image, edited = (np.asarray(Image.open(run / n)) for n in ("image.png", "edited.png"))
     mask = np.asarray(Image.open(run / "mask.png")) > 0
@@ -355,9 +362,10 @@ def test_ctrl_c_during_the_picture_keeps_earlier_outputs(demo_artifacts, tmp_pat
 
 
 def test_sigint_during_the_picture_exits_130(demo_artifacts, tmp_path):
-    # A real signal: a slow enough picture (256 px, 200 steps) to interrupt after prompt.txt is saved.
+    # A real signal: a slow enough picture (256 px, 200 steps: the classic sd-tiny, LCM takes at most 8) to
+    # interrupt after prompt.txt is saved.
     proc = subprocess.Popen([sys.executable, "-m", "onnxforge.cli", "demo", "--artifacts", str(demo_artifacts),
-                             "--word", "castle", "--seed", "7", "--size", "256", "--steps", "200", "--out",
+                             "--image-model", "sd-tiny", "--word", "castle", "--seed", "7", "--size", "256", "--steps", "200", "--out",
                              str(tmp_path), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     first = proc.stdout.readline()
@@ -409,7 +417,7 @@ def test_replay_of_a_run_whose_artifact_is_gone(scripted, demo_artifacts, tmp_pa
     path = tmp_path / "run.json"
     path.write_text(json.dumps(record))
     proc = demo_cli(demo_artifacts, "--replay", str(path), "--out", str(tmp_path / "runs"))
-    assert proc.returncode == 2 and "build it with `doit build recipes=sd-tiny`" in proc.stderr
+    assert proc.returncode == 2 and "build it with `doit build recipes=sd-tiny-lcm`" in proc.stderr
 
 
 def test_scripted_flag_mistakes(demo_artifacts, tmp_path):

@@ -408,7 +408,8 @@ def _blend_diffusers(name, config, steps, strength, x0, noise, mask, bias):
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.8, 1.0])
-# LCM re-noises between steps from the run's generator: its blend is checked end to end in test_demo/test_edits.
+# LCM rebuilds its schedule for img2img (test_lcm_img2img_matches_diffusers_pipeline below); the masked blend on
+# it is checked end to end in test_sd_lcm and test_demo.
 @pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n != "lcm"])
 def test_masked_img2img_blend_matches_diffusers(name, strength):
     x0, bias = _inputs(1)
@@ -432,3 +433,95 @@ def test_strength_start_counts_and_bad_strength():
             sched.strength_start(bad)
     with pytest.raises(ValueError, match="leaves no denoising step"):
         sched.strength_start(0.05)
+
+
+# ---- LCM img2img (the demo's generative edits on the fast path) ------------------------------------
+# diffusers' LatentConsistencyModelImg2ImgPipeline does not enter the 4-step schedule part-way: it
+# rebuilds it with LCMScheduler.set_timesteps(steps, strength=) (the distillation schedule cut to its
+# int(50 x strength) least noisy steps, all `steps` picked from that), noises the picture's latents to
+# the first of them with the run's generator (prepare_latents), then runs every step with the same
+# generator. The reference below calls the pipeline's own retrieve_timesteps and prepare_latents.
+
+
+def _lcm_img2img_ours(config, steps, strength, x0, bias, noises):
+    sched = make_scheduler("lcm", config)
+    ts = sched.img2img_timesteps(steps, strength)
+    x = sched.add_noise(x0, noises[0], ts[0])
+    trace = [x]
+    for i, t in enumerate(ts):
+        x = sched.step(_fake_model(sched.scale_model_input(x, t), t, bias), t, x,
+                       noise=noises[i + 1] if i + 1 < len(noises) else None)
+        trace += [x, sched.denoised]
+    return ts, trace
+
+
+def _lcm_img2img_diffusers(config, steps, strength, x0, bias):
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as p
+
+    sched = _diffusers_scheduler("lcm", config)
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    ts, _ = p.retrieve_timesteps(sched, steps, "cpu", None, strength=strength)
+    # image.shape[1] == 4: the latents are taken as encoded (our TAESD encoder gives them deterministically).
+    x = p.LatentConsistencyModelImg2ImgPipeline.prepare_latents(
+        SimpleNamespace(scheduler=sched), torch.from_numpy(x0), ts[:1], 1, 1, torch.float32, "cpu", g)
+    trace = [x.numpy()]
+    for t in ts:
+        x, denoised = sched.step(_fake_model(x, t, torch.from_numpy(bias)), t, x, generator=g, return_dict=False)
+        trace += [x.numpy(), denoised.numpy()]
+    return ts.numpy(), trace
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("strength", [1.0, 0.8, 0.5, 0.3, 0.58])  # 50 x 0.58 = 28.999..., cut to 28 by both
+def test_lcm_img2img_matches_diffusers_pipeline(strength, steps):
+    x0, bias = _inputs(1)
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(NOISE_SEED)
+    # the pipeline's draws in order: the starting noise, then one per step but the last
+    noises = [torch.randn(LATENT_SHAPE, generator=g, dtype=torch.float32).numpy() for _ in range(steps)]
+    ours_ts, ours = _lcm_img2img_ours(SD14_CONFIG, steps, strength, x0, bias, noises)
+    ref_ts, ref = _lcm_img2img_diffusers(SD14_CONFIG, steps, strength, x0, bias)
+    np.testing.assert_array_equal(ours_ts, ref_ts)
+    assert len(ours_ts) == steps  # every step runs, from lower noise
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        _assert_close(a, b, f"img2img trace entry {i}")
+
+
+def test_lcm_img2img_timesteps():
+    sched = make_scheduler("lcm", SD14_CONFIG)
+    assert sched.img2img_timesteps(4, 1.0).tolist() == [999, 759, 499, 259]  # = text-to-image
+    assert sched.img2img_timesteps(4, 0.5).tolist() == [499, 379, 259, 139]
+    assert sched.img2img_timesteps(4, 0.8).tolist() == [799, 599, 399, 199]
+    # a later text-to-image schedule is the full one again
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 759, 499, 259]
+    with pytest.raises(TypeError, match="img2img_timesteps"):
+        sched.strength_start(0.5)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), "0.5", True, None])
+def test_lcm_img2img_bad_strength(bad):
+    sched = make_scheduler("lcm", SD14_CONFIG)
+    with pytest.raises(ValueError, match=r"^strength must be a number in \(0, 1\], got"):
+        sched.img2img_timesteps(4, bad)
+
+
+def test_lcm_img2img_strength_too_low_for_the_steps():
+    sched = make_scheduler("lcm", SD14_CONFIG)
+    with pytest.raises(ValueError, match=r"^strength 0\.1 keeps 5 of the 50 LCM distillation steps, fewer than the "
+                                         r"8 steps asked: raise the strength to at least 0\.16 or use fewer steps$"):
+        sched.img2img_timesteps(8, 0.1)
+    assert len(sched.img2img_timesteps(5, 0.1)) == 5  # the most it allows
+    # diffusers refuses the same combination
+    ref = _diffusers_scheduler("lcm", SD14_CONFIG)
+    with pytest.raises(ValueError, match="original_steps x strength"):
+        ref.set_timesteps(8, strength=0.1)
+
+
+def test_img2img_timesteps_of_the_classic_samplers_enter_part_way():
+    sched = make_scheduler("ddim", SD14_CONFIG)
+    ts = sched.img2img_timesteps(10, 0.5)
+    np.testing.assert_array_equal(ts, sched.timesteps[5:])

@@ -332,17 +332,55 @@ def fast_sd(lcm):
 
 
 def test_generative_edit_on_the_fast_path(fast_sd):
-    """img2img with a strength on the LCM + TAESD path (TAESD's encoder, one-pass UNet): strength 0.5 of 4 LCM
-    steps runs 2; outside the mask the picture comes back byte-identical."""
+    """img2img with a strength on the LCM + TAESD path (TAESD's encoder, one-pass UNet): as diffusers'
+    LatentConsistencyModelImg2ImgPipeline, strength 0.5 runs all 4 LCM steps, picked from the less noisy half
+    of the schedule (499, 379, 259, 139; see test_schedulers); outside the mask the picture comes back
+    byte-identical."""
     base = fast_sd.generate(PROMPT, seed=4)
     rgb = np.asarray(base.image)
     mask = np.zeros(rgb.shape[:2], bool)
     mask[16:48, 16:48] = True
     edited = fast_sd.edit(rgb, mask, "a red boat", strength=0.5, seed=2)
-    assert edited.settings["scheduler"] == "lcm" and edited.settings["denoising_steps"] == 2
+    assert edited.settings["scheduler"] == "lcm" and edited.settings["denoising_steps"] == 4
+    assert edited.timings["unet_steps"] == 4
     out = np.asarray(edited.image)
     assert np.array_equal(out[~mask], rgb[~mask])
     assert np.abs(out[mask].astype(int) - rgb[mask]).max() > 0
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.8])
+def test_edit_over_the_whole_picture_is_diffusers_lcm_img2img(fast_sd, fused_pipe, monkeypatch, strength):
+    """A mask over the whole picture makes the edit plain img2img; diffusers' LCM img2img recipe on the fused
+    UNet + AutoencoderTiny gives the same picture: the pipeline's own retrieve_timesteps (LCMScheduler's
+    strength) and prepare_latents (the encoded picture noised to the first timestep), then the LCM steps,
+    with the start noise and the step noise replayed from the run's numpy Generator."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.latent_consistency_models import pipeline_latent_consistency_img2img as lcm_img2img
+    from diffusers.schedulers import scheduling_lcm
+
+    rgb = np.asarray(fast_sd.generate(PROMPT, seed=4).image)
+    ours = fast_sd.edit(rgb, np.ones(rgb.shape[:2], bool), "a red boat", strength=strength, seed=2)
+    replay = np.random.default_rng(2)
+    draw = lambda shape, **kw: torch.from_numpy(replay.standard_normal(tuple(shape), dtype=np.float32))  # noqa: E731
+    monkeypatch.setattr(lcm_img2img, "randn_tensor", draw)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", draw)
+    pipe, sched = fused_pipe, fused_pipe.scheduler
+    with torch.no_grad():
+        ids = pipe.tokenizer("a red boat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        emb = pipe.text_encoder(ids)[0]
+        pixels = torch.from_numpy(rgb.astype(np.float32) / 255 * 2 - 1).permute(2, 0, 1)[None]
+        latents = pipe.vae.encode(pixels).latents * pipe.vae.config.scaling_factor
+        ts, _ = lcm_img2img.retrieve_timesteps(sched, 4, "cpu", None, strength=strength)
+        x = lcm_img2img.LatentConsistencyModelImg2ImgPipeline.prepare_latents(
+            SimpleNamespace(scheduler=sched), latents, ts[:1], 1, 1, torch.float32, "cpu", None)
+        for t in ts:
+            x, denoised = sched.step(pipe.unet(x, t, encoder_hidden_states=emb)[0], t, x, return_dict=False)
+        ref = pipe.vae.decode(denoised / pipe.vae.config.scaling_factor)[0]
+    ref = (ref[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+    assert ours.settings["denoising_steps"] == len(ts) == 4
+    assert np.abs(ours.pixels - ref).max() <= IMAGE_ATOL
+    assert np.abs(ours.pixels - rgb / 255).max() > 0.05  # it did redraw
 
 
 @pytest.mark.parametrize("strength", [0, -0.1, 1.5, float("nan")])
@@ -352,6 +390,15 @@ def test_strength_outside_zero_one_is_refused(fast_sd, strength):
     with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]") as info:
         fast_sd.edit(rgb, mask, "a boat", strength=strength)
     assert "\n" not in str(info.value)
+
+
+def test_strength_too_low_for_the_lcm_steps_is_one_line(fast_sd):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    mask = np.ones((64, 64), bool)
+    with pytest.raises(ValueError, match=r"^strength 0\.05 keeps 2 of the 50 LCM distillation steps, fewer than the 4 "
+                                         r"steps asked: raise the strength to at least 0\.08 or use fewer steps$"):
+        fast_sd.edit(rgb, mask, "a boat", strength=0.05)
+    assert fast_sd.edit(rgb, mask, "a boat", strength=0.05, steps=2).settings["denoising_steps"] == 2
 
 
 def test_fast_path_runtime_imports_no_torch(lcm, tmp_path):
@@ -401,7 +448,7 @@ def test_demo_takes_the_fast_path_and_edits_on_it(sam_tiny, sd_tiny_lcm, lcm, tm
     assert image["recipe"] == "sd-tiny-lcm" and "fast-path" in image["why"]
     assert (record["steps"], record["scheduler"], record["guidance_scale"]) == (4, "lcm", 1.0)
     assert record["edit"]["kind"] == "generate" and record["edit"]["strength"] == 0.5
-    assert record["edit"]["denoising_steps"] == 2
+    assert record["edit"]["denoising_steps"] == 4  # LCM img2img runs every step (diffusers' LCM img2img pipeline)
     picture, edited = (np.asarray(Image.open(run / n)) for n in ("image.png", "edited.png"))
     mask = np.asarray(Image.open(run / "mask.png")) > 0
     np.testing.assert_array_equal(edited[~mask], picture[~mask])

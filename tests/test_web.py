@@ -52,11 +52,13 @@ def server_env() -> dict:
 
 @pytest.fixture(scope="module")
 def server(demo_artifacts, tmp_path_factory):
-    """`onnxforge web` on the tiny artifacts, as a user starts it, on a free port."""
+    """`onnxforge web` on the tiny artifacts, as a user starts it, on a free port. The image model is the classic
+    sd-tiny (the fast path, sd-tiny-lcm, takes at most 8 steps: too quick for the cancel test's long job)."""
     work = tmp_path_factory.mktemp("web")
     port, out, log = free_port(), work / "runs", work / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "onnxforge.cli", "web", "--artifacts", str(demo_artifacts),
+                                 "--image-model", "sd-tiny",
                                  "--out", str(out), "--port", str(port), "--max-upload-pixels", str(MAX_PIXELS)],
                                 stdout=f, stderr=subprocess.STDOUT, env=server_env())
     try:

@@ -27,6 +27,15 @@ LCM is stochastic (it re-noises its prediction between steps), so its step also
 takes the run's numpy Generator: `sched.step(eps, t, latents, generator=rng)`;
 `sched.stochastic` says which schedulers need one.
 
+img2img (the demo's generative edits), also the same for all five:
+
+    timesteps = sched.img2img_timesteps(steps, strength)   # strength in (0, 1]
+    latents = sched.add_noise(picture_latents, noise, timesteps[0])
+    for t in timesteps: ...                                  # as above
+
+The classic samplers enter their full schedule part-way (about strength x steps
+run); LCM rebuilds its schedule from the strength and runs every step.
+
 Arrays in and out are float32. The noise tables are float32 like diffusers';
 per-step scalar coefficients are computed in float64.
 """
@@ -62,6 +71,12 @@ def _require(config, key, diffusers_default, supported):
     value = config.get(key, diffusers_default)
     if value != supported:
         raise ValueError(f"unsupported scheduler option {key}={value!r}; only {key}={supported!r} is implemented")
+
+
+def _check_strength(strength):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
+            or not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
 
 
 def _alphas_cumprod(config):
@@ -163,6 +178,16 @@ class Scheduler:
         a = float(self.alphas_cumprod[int(t)])
         return _f32(math.sqrt(a) * _f32(original) + math.sqrt(1.0 - a) * _f32(noise))
 
+    def img2img_timesteps(self, num_inference_steps, strength):
+        """img2img: set the schedule for `num_inference_steps` and return the timesteps a picture noised
+        to `strength` runs, the first being the level it is noised to (add_noise at timesteps[0]).
+
+        diffusers' StableDiffusionImg2ImgPipeline: the full schedule, entered part-way (strength_start).
+        LCM overrides this (its pipeline rebuilds the schedule from the strength instead).
+        """
+        self.set_timesteps(num_inference_steps)
+        return self.timesteps[self.strength_start(strength):]
+
     def strength_start(self, strength):
         """img2img: where in `timesteps` a picture noised to `strength` enters (diffusers' get_timesteps).
 
@@ -171,9 +196,7 @@ class Scheduler:
         Raises if strength x steps leaves no step to run.
         """
         self._check_ready()
-        if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) \
-                or not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        _check_strength(strength)
         n = self.num_inference_steps
         run = min(int(n * float(strength)), n)
         if run < 1:
@@ -486,18 +509,37 @@ class LCMScheduler(Scheduler):
         self._step_index = None
         self.denoised = None  # the last step's clean-latent prediction (for previews)
 
-    def set_timesteps(self, num_inference_steps):
+    def set_timesteps(self, num_inference_steps, strength=1.0):
+        """`strength` < 1 (img2img, diffusers' LCMScheduler.set_timesteps(..., strength=)): the distillation
+        schedule is cut to its int(original_inference_steps x strength) least noisy steps and all
+        num_inference_steps are picked from that, so an edit still runs every step, just from lower noise."""
         n, ois = num_inference_steps, self.original_inference_steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= ois:
             raise ValueError(f"num_inference_steps must be an integer in [1, {ois}] for LCM (it picks its steps from "
                              f"the original_inference_steps={ois} schedule the model was distilled on), got {n!r}")
-        self.num_inference_steps = n = int(n)
+        _check_strength(strength)
+        n = int(n)
+        # The same float product as diffusers, so a strength on a rounding edge cuts the same step count.
+        kept = int(ois * strength)
+        if kept < n:
+            raise ValueError(f"strength {strength} keeps {kept} of the {ois} LCM distillation steps, fewer than the "
+                             f"{n} steps asked: raise the strength to at least {n / ois:.3g} or use fewer steps")
+        self.num_inference_steps = n
         k = self.num_train_timesteps // ois
-        origin = (np.arange(1, ois + 1, dtype=np.int64) * k - 1)[::-1]  # noisiest first
-        picks = np.floor(np.linspace(0, ois, num=n, endpoint=False)).astype(np.int64)
+        origin = (np.arange(1, kept + 1, dtype=np.int64) * k - 1)[::-1]  # noisiest first
+        picks = np.floor(np.linspace(0, kept, num=n, endpoint=False)).astype(np.int64)
         self.timesteps = origin[picks].copy()
         self._step_index = None
         self.denoised = None
+
+    def img2img_timesteps(self, num_inference_steps, strength):
+        """diffusers' LatentConsistencyModelImg2ImgPipeline: the schedule rebuilt for the strength
+        (set_timesteps(n, strength=)), every step of it run; the picture is noised to its first."""
+        self.set_timesteps(num_inference_steps, strength=strength)
+        return self.timesteps
+
+    def strength_start(self, strength):
+        raise TypeError("LCM enters no fixed schedule part-way: img2img_timesteps(steps, strength) rebuilds it")
 
     def _boundary_scalings(self, t):
         # Consistency-model boundary condition: c_skip(0) = 1, c_out(0) = 0, so the

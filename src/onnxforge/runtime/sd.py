@@ -393,7 +393,8 @@ class StableDiffusion:
         image: (H, W, 3) uint8 (or a PIL image) at a size the artifact supports; mask: (H, W) bool, the
         part to redraw. strength in (0, 1]: how far into the noise the picture goes (1 = from scratch,
         the mask's content is then only a place, not a hint); `steps` is the full schedule, of which
-        about strength x steps run. Pixels outside the mask come back byte-identical.
+        about strength x steps run (LCM: all `steps` run, picked from the less noisy part of its
+        schedule, as diffusers' LCM img2img pipeline does). Pixels outside the mask come back byte-identical.
         """
         from PIL import Image
 
@@ -425,8 +426,7 @@ class StableDiffusion:
             raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
         guidance = guidance_scale > 1.0
         sched = make_scheduler(scheduler, rt["scheduler_config"])
-        sched.set_timesteps(steps)
-        timesteps = sched.timesteps[sched.strength_start(float(strength)):]
+        timesteps = sched.img2img_timesteps(steps, float(strength))
 
         # 2. encode the prompt and the picture
         started = time.perf_counter()
