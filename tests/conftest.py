@@ -123,3 +123,24 @@ def demo_artifacts(tmp_path_factory, tiny, sam_tiny, sd_tiny, sd_tiny_lcm) -> Pa
                             (sam_tiny, "sam-tiny")):
         (root / recipe).symlink_to(project.artifacts / recipe, target_is_directory=True)
     return root
+
+
+POCKET_DEFAULTS = ["gpt2-pocket"]  # the default recipes that read committed pocket weights
+
+
+@pytest.fixture(scope="session")
+def pocket_defaults(tmp_path_factory) -> Project:
+    """The default pocket recipes, built from the committed weights under pocket/ (no training)."""
+    return built_project(tmp_path_factory, "pocket-defaults", POCKET_DEFAULTS)
+
+
+@pytest.fixture(scope="session")
+def default_artifacts(tmp_path_factory, demo_artifacts, pocket_defaults) -> Path:
+    """Every default recipe in one artifacts root, as after `make demo` (links, nothing built twice)."""
+    root = tmp_path_factory.mktemp("default-project") / "artifacts"
+    root.mkdir()
+    for entry in demo_artifacts.iterdir():
+        (root / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+    for recipe in POCKET_DEFAULTS:
+        (root / recipe).symlink_to(pocket_defaults.artifacts / recipe, target_is_directory=True)
+    return root

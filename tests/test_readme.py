@@ -54,8 +54,8 @@ def test_the_readme_says_what_each_skipped_example_needs():
             assert not runnable(cmd), f"a full-size example must say which recipe it needs: {cmd}"
 
 
-def test_readme_examples_run_as_written_on_the_default_artifacts(demo_artifacts, tmp_path):
-    (tmp_path / "artifacts").symlink_to(demo_artifacts, target_is_directory=True)
+def test_readme_examples_run_as_written_on_the_default_artifacts(default_artifacts, tmp_path):
+    (tmp_path / "artifacts").symlink_to(default_artifacts, target_is_directory=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])  # .venv/bin, as after activation
     failures = []
