@@ -23,7 +23,7 @@ def short_recipe(**validate) -> dict:
     """The shipped recipe, trained for 2 steps on 16 pictures, the oracle on 3 pictures, its floors off."""
     recipe = yaml.safe_load((REPO / "recipes" / f"{RECIPE}.yaml").read_text())
     recipe["source"]["train"].update(steps=2, examples=16, batch=2)
-    recipe["validate"].update(world_pictures=3, min_world_mask_iou=None, **validate)
+    recipe["validate"].update({"world_pictures": 3, "min_world_mask_iou": None, **validate})
     recipe["variants"]["int8"]["max_world_mask_iou_drop"] = None
     return recipe
 
