@@ -28,6 +28,7 @@ from ...store import StageContext, StageParams, StageSpec, link_or_copy
 from ..common import (ORT_CUSTOM_OPSETS, SourceParams, builder_digest, count_parameters, existing_model_dir, fail_on,
                       model_dir_of, name_dims, ort_multihead_attention, publish_spec, record_check, source_params,
                       spec_factory)
+from . import pocket
 from .recipe import SamExportConfig, SamRecipe
 
 HUB_FILES = ["config.json", "preprocessor_config.json", "*.safetensors"]
@@ -53,6 +54,7 @@ BUILDER_DIGEST = builder_digest(__file__, "runtime/sam.py", "runtime/sam_process
 
 class SamSourceParams(SourceParams):
     initializer_range: float | None = None  # random: the spread of the seeded weights
+    train: dict | None = None  # train: steps, examples, batch, learning_rate and the world (pocket.train_pocket)
 
 
 class QuantizeParams(StageParams):
@@ -69,6 +71,12 @@ class ValidateParams(StageParams):
     image: tuple[int, int]  # the synthetic validation picture (width, height)
     min_int8_mask_iou: float | None = None  # vs_fp32
     min_embedding_cosine: float | None = None  # vs_fp32
+    # World-trained sources: the world oracle's pictures (pocket.world_mask_iou) and its floors.
+    world: dict | None = None  # the world the model learnt (None: no world oracle)
+    world_seed: int = pocket.HELD_OUT_SEED
+    world_pictures: int = pocket.HELD_OUT_COUNT
+    min_world_mask_iou: float | None = None
+    max_world_mask_iou_drop: float | None = None  # vs_fp32: int8's IoU at most this far below fp32's
 
 
 def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
@@ -76,11 +84,16 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
     body: SamRecipe = recipe.body
     src = body.source
     extra = {"initializer_range": src.random.initializer_range} if src.kind == "random" else {}
+    if src.kind == "train":
+        extra = {"train": src.train.model_dump(exclude={"config", "seed"})}
+    params = SamSourceParams(**source_params(recipe, project_dir), **extra)
     spec = spec_factory(recipe, BUILDER_DIGEST)
-    source = spec("source", None, SamSourceParams(**source_params(recipe, project_dir), **extra), [],
-                  doc=f"load {src.kind} SAM weights")
+    source = spec("source", None, params, [], doc=f"{'train' if src.kind == 'train' else 'load ' + src.kind} SAM weights")
     export = spec("export", "fp32", body.export, [source], doc="export image encoder and prompt decoder")
-    validate_common = body.validate_.model_dump()
+    validate_common = {**body.validate_.model_dump(), "world": trained_world(params, project_dir)}
+    if validate_common["world"] is None and body.validate_.min_world_mask_iou is not None:
+        raise RecipeError(f"{recipe.name}: validate.min_world_mask_iou needs a model of the pocket world (a train "
+                          "source, or a path folder with its training.json); remove it for this source")
     validates: dict[str, StageSpec] = {}
     for name, cfg in body.variants.enabled().items():
         if name == "fp32":
@@ -92,10 +105,23 @@ def plan(recipe: Recipe, project_dir: Path) -> dict[str, StageSpec]:
                          [export], doc="dynamic int8 of the encoder's MatMul weights")
             validates[name] = spec("validate", name, ValidateParams(**validate_common, checks=("vs_fp32",),
                                                                     min_int8_mask_iou=cfg.min_mask_iou,
-                                                                    min_embedding_cosine=cfg.min_embedding_cosine),
+                                                                    min_embedding_cosine=cfg.min_embedding_cosine,
+                                                                    max_world_mask_iou_drop=cfg.max_world_mask_iou_drop),
                                    [quant], "compare with fp32")
     return {name: publish_spec(spec, name, v, runtime_defaults(body.runtime.model_dump(mode="json")))
             for name, v in validates.items()}
+
+
+def trained_world(params: SamSourceParams, project_dir: Path) -> dict | None:
+    """The pocket world a source's model learnt: a train source's, or the one a path folder's training.json
+    names (a pocket model trained elsewhere and read back); None for any other model (no world oracle)."""
+    if params.kind == "train":
+        return params.train["world"]
+    if params.kind == "path":
+        record = pocket.training_record(Path(params.path))
+        if record and record.get("trained_on") == "world":
+            return record["world"]
+    return None
 
 
 def runtime_defaults(r: dict) -> dict:
@@ -149,6 +175,16 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         size = model.config.vision_config.image_size
         SamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size}).save_pretrained(model_dir)
         source = {"kind": "random", "seed": p.seed, "initializer_range": p.initializer_range, "config": p.config}
+        rel = "model"
+    elif p.kind == "train":
+        model_dir = out / "model"
+        t = p.train
+        record = pocket.train_pocket(model_dir, seed=p.seed, steps=t["steps"], examples=t["examples"], batch=t["batch"],
+                                     learning_rate=t["learning_rate"], config=p.config, world=t["world"],
+                                     log=lambda line: print(line, flush=True))
+        check_architecture(load_torch_model(model_dir).config)
+        source = {"kind": "train", "seed": p.seed, "config": p.config, **t,
+                  "seconds": record["seconds"], "torch_world_mask_iou": record["torch_world_mask_iou"]["mean"]}
         rel = "model"
     else:
         model_dir, source = existing_model_dir(p, ctx, HUB_FILES)
@@ -438,6 +474,16 @@ def runtime_block(config, model_dir: Path) -> dict:
     }
 
 
+def onnx_segmenter(predictor: SamPredictor):
+    """The world oracle's `segment(picture, point)` through the runtime: the mask it rates best for a point."""
+
+    def segment(picture, point):
+        predictor.set_image(picture)
+        return predictor.best_mask(points=[point])[0]
+
+    return segment
+
+
 def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     import torch
     from transformers import SamConfig
@@ -510,6 +556,22 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         record_check(checks, "min mask IoU vs PyTorch (point, points +/-, box, box + point; every mask)", round(worst_iou, 5),
                p.min_mask_iou, worst_iou >= p.min_mask_iou)
     results["encoder_runs"] = predictor.encoder_runs  # one: every prompt reused the cached embedding
+
+    if p.world is not None:  # a model of the pocket world: its masks against the rendered ones
+        world = pocket.world_config(p.world)
+        score = pocket.world_mask_iou(onnx_segmenter(predictor), world, p.world_seed, p.world_pictures)
+        results["world_mask_iou"] = score
+        if p.min_world_mask_iou is not None:
+            record_check(checks, "world mask IoU (held-out world pictures, a point on each shape)", score["mean"],
+                         p.min_world_mask_iou, score["mean"] >= p.min_world_mask_iou)
+        if int8:
+            reference = pocket.world_mask_iou(onnx_segmenter(fp32), world, p.world_seed, p.world_pictures)
+            results["world_mask_iou_fp32"] = reference
+            drop = round(reference["mean"] - score["mean"], 5)
+            results["world_mask_iou_drop_vs_fp32"] = drop
+            if p.max_world_mask_iou_drop is not None:
+                record_check(checks, "world mask IoU drop vs fp32", drop, p.max_world_mask_iou_drop,
+                             drop <= p.max_world_mask_iou_drop)
 
     results["checks_run"] = list(p.checks)
     fail_on(checks, results)

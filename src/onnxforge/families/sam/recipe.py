@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ...config import RecipeBody, Source, Strict
+from ...config import RecipeBody, Source, Strict, WorldSpec
 
 
 
@@ -22,8 +22,29 @@ class SamRandomSource(Strict):
     initializer_range: float = Field(default=0.02, gt=0.0, le=1.0)
 
 
+class SamTrainSource(Strict):
+    """A pocket SAM trained here on the shapes world (families/sam/pocket.py): a point on a shape -> its mask."""
+
+    config: dict[str, Any] | str  # SamConfig keyword arguments inline, or the name of a config in recipes/configs/
+    seed: int = Field(ge=0)
+    steps: int = Field(le=100_000, description="optimizer steps")
+    examples: int = Field(default=2000, ge=10, le=100_000, description="world pictures to train on")
+    batch: int = Field(default=8, ge=1, le=256)
+    learning_rate: float = Field(default=2e-3, gt=0, le=1.0, description="peak of the one-cycle schedule")
+    world: WorldSpec = WorldSpec(max_shapes=2)
+
+    @model_validator(mode="after")
+    def trains(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps}): a train source with no steps "
+                             "would publish an untrained model")
+        return self
+
+
 class SamSource(Source):
+    KINDS: ClassVar[tuple[str, ...]] = ("hub", "path", "random", "train")
     random: SamRandomSource | None = None
+    train: SamTrainSource | None = None
 
 
 class SamValidateConfig(Strict):
@@ -31,6 +52,11 @@ class SamValidateConfig(Strict):
     min_mask_iou: float = Field(default=0.99, ge=0.0, le=1.0, description="ONNX vs PyTorch, every prompt and mask")
     # A synthetic picture of this size (width, height) is segmented with point, box and mixed prompts.
     image: tuple[Annotated[int, Field(ge=2, le=8192)], Annotated[int, Field(ge=2, le=8192)]] = (640, 480)
+    # Models trained on the pocket world (a `train` source, or a `path` folder whose training.json says so): the
+    # world oracle segments held-out world pictures with a point on each shape (pocket.world_mask_iou) and
+    # records the mean IoU with the rendered masks in every variant's manifest; below this floor the build fails.
+    min_world_mask_iou: float | None = Field(default=None, ge=0.0, le=1.0)
+    world_pictures: int = Field(default=48, ge=1, le=1000, description="held-out pictures the world oracle uses")
 
 
 class SamRuntimeConfig(Strict):
@@ -60,6 +86,8 @@ class SamInt8Variant(Strict):
     reduce_range: bool = False
     min_mask_iou: float = Field(default=0.9, ge=0.0, le=1.0, description="int8 vs fp32 ONNX, mean over prompts")
     min_embedding_cosine: float = Field(default=0.99, ge=-1.0, le=1.0)
+    # World-trained sources: how far int8's world mask IoU may fall below fp32's (None: record only).
+    max_world_mask_iou_drop: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class SamVariants(Strict):
