@@ -47,7 +47,7 @@ def test_every_variant_records_its_world_mask_iou_and_a_second_build_reuses_the_
     assert int8["world_mask_iou_fp32"] == manifest(sam_pocket, "fp32")["validation"]["world_mask_iou"]
     assert int8["world_mask_iou_drop_vs_fp32"] == pytest.approx(int8["world_mask_iou_fp32"]["mean"] - int8["world_mask_iou"]["mean"])
     source = manifest(sam_pocket, "fp32")["source"]
-    assert source["kind"] == "train" and source["steps"] == 2 and source["world"]["max_shapes"] == 2
+    assert source["kind"] == "train" and source["steps"] == 2 and source["world"]["max_shapes"] == 1
     out = sam_pocket.doit("build", f"recipes={RECIPE}").stdout
     assert [line for line in out.splitlines() if line.startswith(".  ")] == []  # nothing trained or built again
 
@@ -64,7 +64,7 @@ def test_the_trained_folder_reads_back_as_a_path_source_with_its_world_oracle(sa
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
     specs = build.plan(load_recipe(tmp_path / "p.yaml"), tmp_path)
     validate = specs["fp32"].upstream[0]
-    assert validate.params.world["max_shapes"] == 2
+    assert validate.params.world["max_shapes"] == 1
 
 
 def test_training_preprocesses_pictures_as_the_runtime_and_transformers_do(sam_pocket):
