@@ -1,7 +1,8 @@
 """streamed_dynamic_int8 against onnxruntime's quantize_dynamic on a small hand-made graph with the cases
 the SD UNet does not all show: a transB Gemm quantized (dynamic mode turns it into a MatMul on a
 transposed weight), one weight used by two MatMuls, one activation feeding two MatMuls, an excluded
-MatMul, an activation x activation MatMul, weights both under and over the external-data threshold.
+MatMul, an activation x activation MatMul, weights and Constant nodes both under and over the external-data
+threshold.
 The same on the tiny SD models, as the build quantizes them: tests/test_sd.py."""
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ def _model(path):
         helper.make_node("MatMul", ["h4", "w_big2"], ["h5"], "mm_shared_w"),
         helper.make_node("Transpose", ["h5"], ["h5t"], "t", perm=[1, 0]),
         helper.make_node("MatMul", ["h5", "h5t"], ["gram"], "mm_activations"),
-        helper.make_node("Add", ["h2", "h2"], ["y2"], "add"),
+        helper.make_node("Constant", [], ["c_small"], "c_small",
+                         value=numpy_helper.from_array(np.array([1, 2, 3], np.float32), "v")),
+        helper.make_node("Constant", [], ["c_big"], "c_big", value=w("c", 3, 300)),
+        helper.make_node("Add", ["h2", "c_small"], ["h2c"], "add"),
+        helper.make_node("MatMul", ["h2c", "c_big"], ["y2"], "mm_constant"),  # B not an initializer: float
     ]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
@@ -43,7 +48,10 @@ def test_streamed_graph_and_weights_are_quantize_dynamics(tmp_path, monkeypatch,
     src = tmp_path / "src" / "m.onnx"
     src.parent.mkdir()
     _model(src)
-    results = {}
+    results, streamed = {}, []
+    original = quantize.streamed_dynamic_int8
+    monkeypatch.setattr(quantize, "streamed_dynamic_int8", lambda *a, **k: streamed.append(a[1]) or original(*a, **k))
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)  # onnxruntime saves as it does a big model
     for how, threshold in (("library", float("inf")), ("streamed", 0)):
         monkeypatch.setattr(quantize, "STREAM_THRESHOLD", threshold)
         (tmp_path / how).mkdir()
@@ -51,8 +59,7 @@ def test_streamed_graph_and_weights_are_quantize_dynamics(tmp_path, monkeypatch,
                               nodes_to_exclude=["mm_excluded"], weight_type=weight_type)
         results[how] = onnx.load(str(tmp_path / how / "m.onnx"))
     lib, ours = results["library"], results["streamed"]
-    # Two different writers: onnxruntime's keeps this small model in one file, the streamed one has a data file.
-    assert (tmp_path / "streamed" / "m.onnx.data").is_file() and not (tmp_path / "library" / "m.onnx.data").exists()
+    assert streamed == [tmp_path / "streamed" / "m.onnx"]  # two different writers
     assert [n.op_type for n in ours.graph.node].count("MatMulInteger") == 4  # both "a"s, the Gemm's, shared_w
     assert [str(n) for n in ours.graph.node] == [str(n) for n in lib.graph.node]
     assert [str(v) for v in ours.graph.value_info] == [str(v) for v in lib.graph.value_info]

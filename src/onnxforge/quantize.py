@@ -156,11 +156,13 @@ def _write_tensor(tensor, raw: bytes, data, location: str) -> None:
 
     import onnx
 
-    del tensor.external_data[:]
     if sys.getsizeof(raw) < 1024:
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # as onnx.load leaves a tensor it read in
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
         tensor.raw_data = raw
         return
+    del tensor.external_data[:]
     tensor.ClearField("raw_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
     offset = data.tell()
