@@ -369,6 +369,67 @@ def test_dynamic_int8_quantizes_weight_matmuls_only(fp32, int8_dynamic):
     assert q["unet"]["bytes"] < q["unet"]["fp32_bytes"] and q["vae_decoder"]["mode"] == "float"
 
 
+def _graph_and_weights(path):
+    """A model as comparable values: its nodes, its value infos and its initializers' arrays by name."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    nodes = [(n.op_type, str(n)) for n in m.graph.node]
+    infos = [str(v) for v in m.graph.value_info]
+    return nodes, infos, {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}, list(m.opset_import)
+
+
+@pytest.mark.parametrize("name, reduce_range, after_static", [("unet", True, False), ("text_encoder", False, False),
+                                                            ("unet", True, True)])
+def test_streamed_dynamic_int8_writes_what_quantize_dynamic_writes(sd_tiny, fp32, int8, calib_dir, tmp_path,
+                                                                   monkeypatch, name, reduce_range, after_static):
+    """A model over STREAM_THRESHOLD (the SD v1.4 UNet) is quantized one weight at a time instead of by
+    onnxruntime's quantize_dynamic. On the tiny models, quantized as the variants do (int8-dynamic: its
+    keep-float exclusions and the Gemm renaming; int8: the dynamic MatMul pass over the static QDQ
+    UNet), both give the same nodes, the same initializers bit for bit, and so the same outputs
+    (compared exactly: tolerance 0)."""
+    from onnxforge import quantize
+    from onnxforge.families.common import link_component
+    from onnxforge.families.sd.calibrate import calibration_reader
+    from onnxforge.families.sd.submodules import FILES, SUBMODULES
+    from onnxforge.runtime.artifact import make_session
+
+    src_dir = tmp_path / "fp32"
+    src_dir.mkdir()
+    link_component(fp32.component_path(name).parent, src_dir, FILES[name], copy_data=True)
+    src = src_dir / FILES[name]
+    excluded, _ = quantize.resolve_keep_float(src, SUBMODULES[name].keep_float, strict=False, what=name)
+    if after_static:  # as the int8 variant's quantize stage, from its calibration ranges
+        ranges = _stage_dir(sd_tiny, int8.manifest, "quantize", "int8") / f"{name}.ranges.json"
+        quantize.static_int8(src, src_dir / "static.onnx", None, op_types=["Conv", "Gemm"], reduce_range=True,
+                             nodes_to_exclude=excluded, ranges_cache=ranges)
+        src = src_dir / "static.onnx"
+    outputs, streamed = {}, []
+    original = quantize.streamed_dynamic_int8
+    monkeypatch.setattr(quantize, "streamed_dynamic_int8", lambda *a, **k: streamed.append(a[1]) or original(*a, **k))
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_THRESHOLD", 0)  # onnxruntime saves as it does the full-size UNet
+    for how, threshold in (("library", float("inf")), ("streamed", 0)):
+        monkeypatch.setattr(quantize, "STREAM_THRESHOLD", threshold)
+        (tmp_path / how).mkdir()
+        quantize.dynamic_int8(src, tmp_path / how / FILES[name], op_types=["MatMul"], reduce_range=reduce_range,
+                              nodes_to_exclude=excluded)
+        outputs[how] = _graph_and_weights(tmp_path / how / FILES[name])
+    lib_nodes, lib_infos, lib_weights, lib_opsets = outputs["library"]
+    nodes, infos, weights, opsets = outputs["streamed"]
+    ops = [n[0] for n in nodes]
+    assert ops.count("MatMulInteger") >= 4 and ops.count("DynamicQuantizeLinear") >= 2
+    assert ("DequantizeLinear" in ops) == after_static
+    assert nodes == lib_nodes and infos == lib_infos and opsets == lib_opsets
+    assert list(weights) == list(lib_weights)
+    for key, array in lib_weights.items():
+        assert weights[key].dtype == array.dtype and np.array_equal(weights[key], array), key
+    assert streamed == [tmp_path / "streamed" / FILES[name]]  # two different writers
+    item = calibration_reader(calib_dir, name, "held_out", 2).item(0)
+    got = [make_session(tmp_path / how / FILES[name], threads=1).run(None, item) for how in ("library", "streamed")]
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+
+
 def recipe_variant(name: str) -> dict:
     """A variant of the shipped sd-tiny recipe, as written (its floors are the numbers the tests hold it to)."""
     return yaml.safe_load((REPO / "recipes" / "sd-tiny.yaml").read_text())["variants"][name]

@@ -9,17 +9,213 @@ EXTERNAL_DATA_THRESHOLD = 1.8e9  # protobuf cannot hold a model over 2 GB in one
 
 def dynamic_int8(src: Path, dst: Path, op_types=("MatMul",), per_channel=False, reduce_range=False,
                  nodes_to_exclude=(), weight_type: str = "QInt8") -> None:
-    """Dynamic int8: weights stored int8, activations quantized on the fly (u8)."""
+    """Dynamic int8: weights stored int8, activations quantized on the fly (u8).
+
+    onnxruntime's quantize_dynamic, except for a model over STREAM_THRESHOLD whose op types and settings
+    streamed_dynamic_int8 writes the same graph for (see there why).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     total = _model_bytes(src)
     # Dynamic mode first rewrites every Gemm as a MatMul named "<gemm>_MatMul" (+ Add) and only then
     # applies nodes_to_exclude, so an excluded Gemm (the UNet's time embedding) would be quantized anyway.
     excluded = [*nodes_to_exclude, *(f"{n}_MatMul" for n in nodes_to_exclude)]
+    if total > STREAM_THRESHOLD and "MatMul" in op_types and set(op_types) <= {"MatMul", "Gemm"} and not per_channel:
+        if streamed_dynamic_int8(src, dst, reduce_range=reduce_range, nodes_to_exclude=excluded,
+                                 weight_type=weight_type) is None:
+            return
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
                      reduce_range=reduce_range, weight_type=QuantType[weight_type],
                      nodes_to_exclude=excluded,
                      use_external_data_format=total > EXTERNAL_DATA_THRESHOLD)
+
+
+# ---- dynamic int8 of weight MatMuls, one tensor in memory at a time ----------------------
+
+# Why not quantize_dynamic for a big model: it loads every fp32 weight into one ModelProto, copies the
+# proto once more to re-run shape inference after rewriting Gemms, and builds the int8 model in it:
+# 10.04 GiB peak for the 3.3 GB SD v1.4 UNet (docs/benchmarks/build-memory.md). This writes the graph
+# quantize_dynamic writes for op types MatMul (and Gemm, which dynamic mode turns into MatMul + Add)
+# with per-tensor weights: the same nodes, names and initializers, the int8 weights computed by
+# onnxruntime's own quantize_data, so bit-identical (tests/test_sd.py compares the two on sd-tiny).
+# Only the graph is loaded; each weight is read from the source's data file, quantized and appended
+# to the new data file in turn. The graph steps that do not touch weights are onnxruntime's own
+# (replace_gemm_with_matmul, clean_initializers, topological_sort).
+STREAM_THRESHOLD = EXTERNAL_DATA_THRESHOLD  # bytes of model + data above which dynamic_int8 streams
+
+
+def streamed_dynamic_int8(src: Path, dst: Path, reduce_range=False, nodes_to_exclude=(),
+                          weight_type: str = "QInt8") -> str | None:
+    """quantize_dynamic(op_types_to_quantize=["MatMul"], per_channel=False) written one tensor at a time.
+
+    Writes `dst` + `dst.data` and returns None, or returns why this graph is not one it handles (then
+    nothing is written; the caller uses quantize_dynamic).
+    """
+    import numpy as np
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.onnx_model import ONNXModel
+    from onnxruntime.quantization.quant_utils import __producer__, __version__, add_infer_metadata, quantize_data
+
+    qtype = QuantType[weight_type].tensor_type
+    model = onnx.load(str(src), load_external_data=False)
+    why = _not_streamable(model)
+    if why:
+        return why
+    # Shape inference before and after the Gemm rewrite, as quantize_dynamic (the same value infos, in order).
+    model = onnx.shape_inference.infer_shapes(model)
+    add_infer_metadata(model)
+    base = str(src.parent)
+    inits = {t.name: t for t in model.graph.initializer}
+    # Gemm -> MatMul (+ Add) as quantize_dynamic does; a transB Gemm's weight is transposed, so load those.
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and node.input[1] in inits:
+            _load_tensor_data(inits[node.input[1]], base)
+    ONNXModel(model).replace_gemm_with_matmul()
+    model = onnx.shape_inference.infer_shapes(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output,
+                                                              *model.graph.input)}
+    excluded = set(nodes_to_exclude)
+
+    new_nodes, activations, weights = [], {}, {}  # activations: name -> DynamicQuantizeLinear outputs
+    for node in model.graph.node:
+        a, b = (node.input[0], node.input[1]) if len(node.input) == 2 else ("", "")
+        if node.op_type != "MatMul" or node.name in excluded or b not in inits:
+            new_nodes.append(node)
+            continue
+        if inits[b].data_type != onnx.TensorProto.FLOAT or a in inits or types.get(node.output[0]) is None:
+            return f"MatMul {node.name!r} is not float activation x float weight"
+        # The nodes onnxruntime's MatMulInteger quantizer adds, in its order and with its names.
+        if a not in activations:
+            activations[a] = [a + "_quantized", a + "_scale", a + "_zero_point"]
+            new_nodes.append(onnx.helper.make_node("DynamicQuantizeLinear", [a], activations[a], a + "_QuantizeLinear"))
+        weights.setdefault(b, [b + "_quantized", b + "_scale", b + "_zero_point"])
+        qa, sa, za = activations[a]
+        qb, sb, zb = weights[b]
+        name = node.name + "_quant" if node.name else ""
+        out = node.output[0] + "_output_quantized"
+        mul = name + "_scales_mul" if name else sa + "_" + sb + "_mul"
+        new_nodes += [onnx.helper.make_node("MatMulInteger", [qa, qb, za, zb], [out], name),
+                      onnx.helper.make_node("Cast", [out], [out + "_cast_output"], out + "_cast",
+                                            to=types[node.output[0]]),
+                      onnx.helper.make_node("Mul", [sa, sb], [mul + ":0"], mul),
+                      onnx.helper.make_node("Mul", [out + "_cast_output", mul + ":0"], [node.output[0]],
+                                            name + "_output_scale_mul" if name else "")]
+    if any(o.name in activations for o in model.graph.output):
+        return "a graph output is also a quantized MatMul input"
+    sources = {b: onnx.TensorProto() for b in weights}  # the fp32 weights' entries, kept past clean_initializers
+    for b, t in sources.items():
+        t.CopyFrom(inits[b])
+    model.graph.ClearField("node")
+    model.graph.node.extend(new_nodes)
+    for b, (qb, sb, zb) in weights.items():  # placeholders in onnxruntime's order, filled in while writing
+        model.graph.initializer.extend([onnx.TensorProto(name=sb), onnx.TensorProto(name=zb),
+                                        onnx.TensorProto(name=qb, data_type=qtype, dims=inits[b].dims)])
+    qmodel = ONNXModel(model)
+    qmodel.clean_initializers()
+    model.producer_name, model.producer_version = __producer__, __version__
+    qmodel.topological_sort()
+
+    symmetric = qtype == onnx.TensorProto.INT8  # onnxruntime's default for signed weights
+    location = dst.name + ".data"
+    final = {t.name: t for t in model.graph.initializer}
+    quantized = {names[0]: b for b, names in weights.items()}
+    # Bytes never enter the graph's proto: protobuf keeps a message's memory until the whole message
+    # is freed, so a weight read into it and cleared again would stay resident.
+    with open(dst.parent / location, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.name in quantized:  # quantize_initializer_impl's arithmetic, one weight at a time
+                b = quantized[tensor.name]
+                w = _tensor_array(sources[b], base)
+                zero_point, scale, q = quantize_data(w.flatten(), qtype, symmetric, reduce_range=reduce_range)
+                q = np.asarray(q, dtype=onnx.helper.tensor_dtype_to_np_dtype(qtype)).reshape(w.shape)
+                final[weights[b][1]].CopyFrom(onnx.helper.make_tensor(weights[b][1], sources[b].data_type, [],
+                                                                      scale.reshape((-1,)).tolist()))
+                final[weights[b][2]].CopyFrom(onnx.helper.make_tensor(weights[b][2], qtype, [],
+                                                                      zero_point.reshape((-1,)).tolist()))
+                _write_tensor(tensor, q.tobytes(), data, location)
+                del w, q
+            elif uses_external_data(tensor):
+                _write_tensor(tensor, _external_bytes(tensor, base), data, location)
+            elif tensor.HasField("raw_data"):
+                _write_tensor(tensor, tensor.raw_data, data, location)
+        for node in model.graph.node:  # as onnxruntime's save (convert_attribute=True)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.HasField("raw_data"):
+                    _write_tensor(attr.t, attr.t.raw_data, data, location)
+    onnx.save(model, str(dst))
+    return None
+
+
+def _write_tensor(tensor, raw: bytes, data, location: str) -> None:
+    """Give a tensor its bytes as onnxruntime's save does (onnx's convert_model_to_external_data,
+    size_threshold 1024 on sys.getsizeof(raw_data)): appended to the open data file, or inline if small."""
+    import sys
+
+    import onnx
+
+    if sys.getsizeof(raw) < 1024:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # as onnx.load leaves a tensor it read in
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        tensor.raw_data = raw
+        return
+    del tensor.external_data[:]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    offset = data.tell()
+    data.write(raw)
+    for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+
+
+def _external_bytes(tensor, base_dir: str) -> bytes:
+    """An external tensor's bytes, read from its data file (the tensor itself is left as it is)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    with open(Path(base_dir) / info.location, "rb") as f:
+        f.seek(int(info.offset or 0))
+        return f.read(int(info.length)) if info.length is not None else f.read()
+
+
+def _not_streamable(model) -> str | None:
+    import onnx
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:
+        return f"opset {opset} (DynamicQuantizeLinear needs 11)"
+    for node in model.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return f"node {node.name!r} has a subgraph"
+    return None
+
+
+def _load_tensor_data(tensor, base_dir: str) -> None:
+    """Bring an external tensor's bytes into the proto (its raw_data), as onnx.load would."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(tensor):
+        load_external_data_for_tensor(tensor, base_dir)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _tensor_array(tensor, base_dir: str):
+    """A tensor's values as numpy, its external bytes read into a copy (the graph's proto stays small)."""
+    import onnx
+    from onnx import numpy_helper
+
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    _load_tensor_data(copy, base_dir)
+    array = numpy_helper.to_array(copy)
+    del copy
+    return array
 
 
 # ---- static int8 (QDQ) from a calibration reader ------------------------------------
