@@ -68,6 +68,8 @@ def test_streamed_graph_and_weights_are_quantize_dynamics(tmp_path, monkeypatch,
     for a, b in zip(ours.graph.initializer, lib.graph.initializer):
         x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
         assert x.dtype == y.dtype and np.array_equal(x, y), a.name
+    for f in ("m.onnx", "m.onnx.data"):  # and in the end the very same files
+        assert (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "library" / f).read_bytes(), f
     x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     got = [InferenceSession(str(tmp_path / how / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
            for how in ("library", "streamed")]
