@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import built_project
+from conftest import REPO, new_project
 from onnxforge import world
 from onnxforge.runtime.demo import Demo, choose_artifact
 from onnxforge.runtime.edits import srgb_to_oklab
@@ -19,7 +19,9 @@ from onnxforge.runtime.edits import srgb_to_oklab
 @pytest.fixture(scope="session")
 def pocket_artifacts(tmp_path_factory, pocket_defaults):
     """gpt2-pocket (the default build's) and sam-pocket, both from the committed weights under pocket/."""
-    project = built_project(tmp_path_factory, "pocket-sam-project", ["sam-pocket"])
+    project = new_project(tmp_path_factory.mktemp("pocket-sam-project"),
+                          {"sam-pocket": (REPO / "recipes" / "sam-pocket.yaml").read_text()})
+    project.doit("build", "recipes=sam-pocket")  # not a default recipe: built by name
     (project.artifacts / "gpt2-pocket").symlink_to(pocket_defaults.artifacts / "gpt2-pocket", target_is_directory=True)
     return project.artifacts
 
