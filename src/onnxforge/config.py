@@ -70,6 +70,20 @@ class WorldSpec(Strict):
         return WorldConfig(**given)
 
 
+class TrainSteps(Strict):
+    """What every family's `train` source has: a seed and a number of optimizer steps (at least one)."""
+
+    seed: int = Field(ge=0)
+    steps: int = Field(le=100_000, description="optimizer steps")
+
+    @model_validator(mode="after")
+    def trains(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps}): a train source with no steps "
+                             "would publish an untrained model")
+        return self
+
+
 class OneOf(Strict):
     """Exactly one of the KINDS keys is given: a source, or a part of one (sd's LoRA and TAESD)."""
 

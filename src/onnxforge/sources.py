@@ -80,19 +80,13 @@ def weights_sha256(folder: Path) -> str:
 POCKET_MANIFEST = "pocket.json"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_pocket_manifest(folder: Path, command: str, training: dict) -> dict:
     """pocket.json: every file's size and sha256, and the command that reproduces the folder."""
     import json
 
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    from .runtime.artifact import sha256_file
+
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != POCKET_MANIFEST}
     manifest = {"command": command, "training": training, "files": files}
     (folder / POCKET_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -106,6 +100,8 @@ def verify_pocket_folder(folder: Path) -> dict | None:
     the command that rebuilds them, before any stage reads a tensor of them.
     """
     import json
+
+    from .runtime.artifact import sha256_file
 
     manifest_path = folder / POCKET_MANIFEST
     if not manifest_path.is_file():
@@ -121,7 +117,7 @@ def verify_pocket_folder(folder: Path) -> dict | None:
         if not path.is_file():
             raise SourceError(f"{path}: missing from the pocket folder (its {POCKET_MANIFEST} lists it); restore it "
                               f"with `git checkout -- {folder}` or rebuild with `{command}`")
-        if path.stat().st_size != want["bytes"] or file_sha256(path) != want["sha256"]:
+        if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
             raise SourceError(f"{path}: sha256 does not match its {POCKET_MANIFEST}; restore it with "
                               f"`git checkout -- {folder}` or rebuild with `{command}`")
     extra = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")

@@ -6,28 +6,19 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ...config import RecipeBody, Source, Strict, WorldSpec
+from ...config import RecipeBody, Source, Strict, TrainSteps, WorldSpec
 
 
 
-class Gpt2TrainSource(Strict):
+class Gpt2TrainSource(TrainSteps):
     """A small GPT-2 trained here to turn a word of the pocket world into a caption of it ("star:" ->
     "a red star on a yellow background"), with its own byte-level BPE trained on those lines."""
 
     config: dict[str, Any] | str  # an inline GPT-2 config or the name of one in recipes/configs/
-    seed: int = Field(ge=0)
-    steps: int = Field(le=100_000, description="optimizer steps")
     examples: int = Field(default=3000, ge=100, le=100_000, description="word: caption lines to train on")
     vocab_size: int = Field(default=320, ge=260, le=4096)
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="peak of the one-cycle schedule")
     world: WorldSpec = WorldSpec()
-
-    @model_validator(mode="after")
-    def trains(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {self.steps}): a train source with no steps "
-                             "would publish an untrained model")
-        return self
 
 
 class Gpt2Source(Source):

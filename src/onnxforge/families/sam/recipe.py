@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from ...config import RecipeBody, Source, Strict, WorldSpec
+from ...config import RecipeBody, Source, Strict, TrainSteps, WorldSpec
 
 
 
@@ -22,23 +22,14 @@ class SamRandomSource(Strict):
     initializer_range: float = Field(default=0.02, gt=0.0, le=1.0)
 
 
-class SamTrainSource(Strict):
+class SamTrainSource(TrainSteps):
     """A pocket SAM trained here on the shapes world (families/sam/pocket.py): a point on a shape -> its mask."""
 
     config: dict[str, Any] | str  # SamConfig keyword arguments inline, or the name of a config in recipes/configs/
-    seed: int = Field(ge=0)
-    steps: int = Field(le=100_000, description="optimizer steps")
     examples: int = Field(default=2000, ge=10, le=100_000, description="world pictures to train on")
     batch: int = Field(default=8, ge=1, le=256)
     learning_rate: float = Field(default=2e-3, gt=0, le=1.0, description="peak of the one-cycle schedule")
     world: WorldSpec = WorldSpec(max_shapes=2)
-
-    @model_validator(mode="after")
-    def trains(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {self.steps}): a train source with no steps "
-                             "would publish an untrained model")
-        return self
 
 
 class SamSource(Source):

@@ -11,11 +11,11 @@ LCM-LoRA docs. After `unload_lora` the UNet is an ordinary UNet2DConditionModel:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 from ...config import RecipeError
+from ...runtime.artifact import sha256_file
 from ...sources import SourceError, hub_snapshot
 
 RANDOM_FILE = "pytorch_lora_weights.safetensors"
@@ -107,10 +107,3 @@ def fuse_lora(unet, path: Path, scale: float) -> dict:
     unet.unload_lora()
     return {"layers": lora_layers, "tensors": len(state), "sha256": sha256_file(path)}
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
