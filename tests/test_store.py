@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,56 @@ def test_killed_build_leaves_no_complete_looking_artifact_and_next_build_succeed
     published = art.load(project.artifacts / "quick" / "kv")
     assert published.manifest["validation"]["passed"]
     assert not list(stages.glob(".tmp-*")), "stale temporary folders were not cleaned"
+
+
+def _stage_processes(parent: int) -> list[int]:
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes()
+            ppid = int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"onnxforge.stage_process" in cmdline and ppid == parent:
+            found.append(int(proc_dir.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def test_sigterm_to_the_build_stops_its_stage_process_too(tmp_path):
+    # `kill PID` of a build (not its process group) used to leave the stage's own process running on.
+    project = new_project(tmp_path / "proj", {"quick": QUICK_RECIPE})
+    proc = subprocess.Popen([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "--dir", str(project.dir), "build"],
+                            env=project.env(), stdout=subprocess.DEVNULL, stderr=(tmp_path / "err").open("wb"),
+                            start_new_session=True)  # a file: a pipe would stay open while the child lives on
+    deadline, children = time.time() + 120, []
+    while time.time() < deadline and not children:
+        children = _stage_processes(proc.pid)
+        time.sleep(0.02)
+    if not children:
+        proc.kill()
+        pytest.fail("the build never started a stage process")
+    proc.send_signal(signal.SIGTERM)  # the build's process alone
+    proc.wait(timeout=60)
+    err = (tmp_path / "err").read_bytes()
+    assert proc.returncode != 0
+    # The stage process is still importing torch or building (seconds): ended within a second means stopped.
+    deadline = time.time() + 1.0
+    while time.time() < deadline and any(_running(pid) for pid in children):
+        time.sleep(0.1)
+    alive = [pid for pid in children if _running(pid)]
+    if alive:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not alive, f"stage processes still running after SIGTERM: {alive}"
+    assert b"Traceback" not in err, err.decode()[-2000:]
+    project.doit("build")  # and the next build completes
+    assert art.load(project.artifacts / "quick" / "kv").manifest["validation"]["passed"]
 
 
 def test_peak_rss_counts_the_processes_a_stage_starts():

@@ -342,6 +342,7 @@ def _build_stage_in_own_process(spec: StageSpec, ctx: StageContext) -> None:
     import signal
     import subprocess
     import tempfile
+    import threading
 
     name = f"{spec.stage}:{spec.task_name}"
     with tempfile.TemporaryDirectory(prefix="onnxforge-stage-") as tmp:
@@ -350,6 +351,16 @@ def _build_stage_in_own_process(spec: StageSpec, ctx: StageContext) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         proc = subprocess.Popen([sys.executable, "-m", "onnxforge.stage_process", str(job)])
+
+        def stop_child(signum, frame):
+            # A SIGTERM sent to this process alone (kill PID) would otherwise end it and leave the stage's
+            # process running on (an hour of training, unseen): pass it on, then stop as Ctrl-C does.
+            proc.send_signal(signum)
+            raise SystemExit(128 + signum)
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, stop_child)
         try:
             rc = proc.wait()
         except BaseException:  # Ctrl-C reaches the child too: give it time to remove its temporary folder
@@ -359,6 +370,9 @@ def _build_stage_in_own_process(spec: StageSpec, ctx: StageContext) -> None:
                 proc.kill()
                 proc.wait()
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         error = job.with_suffix(".error")
         if rc == 0:
             return
