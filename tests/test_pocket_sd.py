@@ -66,19 +66,29 @@ def test_a_zero_step_training_source_is_a_recipe_error(tmp_path):
     assert "unet_steps" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_the_trainer_writes_a_hub_layout_pipeline(tmp_path):
-    """A few steps of the real trainer: the folder is what the `path` source and diffusers read."""
+def test_pocket_train_trains_the_source_stage_and_writes_a_folder_the_path_source_reads(tmp_path):
+    """A few steps of the real trainer through `onnxforge pocket-train` (the source stage in its own process, as
+    a user runs it): the folder is what diffusers and the `path` source read, with each file's sha256."""
     from diffusers import StableDiffusionPipeline
 
-    from onnxforge.families.sd.pocket import train_pocket
     from onnxforge.families.sd.source import _check_layout
 
-    record = train_pocket(tmp_path / "sd", examples=100, vae_steps=2, unet_steps=2, log=lambda line: None)
-    _check_layout(tmp_path / "sd")
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None)
-    assert pipe.vae.config.scaling_factor == pytest.approx(record["latent_scaling_factor"], rel=1e-5)
+    text = yaml.safe_load((REPO / "recipes" / "sd-pocket-train.yaml").read_text())
+    text["source"]["train"] = {"seed": 0, "examples": 100, "vae_steps": 2, "unet_steps": 2}
+    project = new_project(tmp_path / "p", {"sd-short-train": yaml.safe_dump(text)})
+    out = tmp_path / "pocket-sd"
+    proc = run_cli("pocket-train", "--recipe", "sd-short-train", "--out", str(out), env=project.env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pocket SD: oracle on 32 held-out captions" in proc.stderr  # progress is shown, not swallowed
+    manifest = verify_pocket_folder(out)
+    assert manifest["training"]["source"]["pocket"]["training"]["unet_steps"] == 2
+    _check_layout(out)
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.vae.config.scaling_factor == pytest.approx(
+        manifest["training"]["source"]["pocket"]["training"]["latent_scaling_factor"], rel=1e-5)
     assert pipe.tokenizer("a red star on a yellow background").input_ids[-1] == pipe.tokenizer.eos_token_id
-    assert set(record["torch_oracle"]) >= {"colour", "shape", "background"}
+    stage = next((project.artifacts / "sd-short-train" / ".stages").glob("source-*"))
+    assert (stage / "training-check-1.png").is_file()  # the oracle's pictures at the end of training
 
 
 def test_the_world_oracle_gate_fails_a_variant_below_its_floor():

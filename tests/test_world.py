@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from onnxforge.world import (COLOURS, SHAPES, WorldConfig, WorldError, caption_mentions, dataset, mask_iou,
-                             parse_caption, read_picture)
+from onnxforge.world import (COLOURS, SHAPES, WorldConfig, WorldError, caption_mentions, contact_sheet, dataset,
+                             mask_iou, parse_caption, read_picture)
 
 
 def test_same_seed_same_world_other_seed_other_world():
@@ -47,6 +47,19 @@ def test_picture_oracle_is_exact_on_rendered_pictures(size, blur):
         shape = scene.shapes[0]
         assert (reading.background, reading.colour, reading.shape) == (scene.background, shape.colour, shape.shape)
         assert mask_iou(reading.mask, masks[0]) > 0.85
+
+
+def test_contact_sheet_frames_each_picture_by_its_reading():
+    # Rendered pictures read right (green frames); a plain picture reads no shape (red frame).
+    from PIL import Image
+    items = list(dataset(WorldConfig(size=64), 2, 3))
+    pictures = [image for _, image, _ in items] + [Image.new("RGB", (64, 64), COLOURS["blue"])]
+    captions = [scene.caption for scene, _, _ in items] + ["a red star on a blue background"]
+    sheet = np.asarray(contact_sheet(pictures, captions, columns=2, cell=64))
+    assert sheet.shape == (2 * (64 + 8 + 26), 2 * (64 + 8), 3)
+    frames = [tuple(sheet[row * 98 + 1, col * 72 + 1]) for row in (0, 1) for col in (0, 1)]
+    assert frames == [(40, 160, 60)] * 3 + [(200, 40, 40)]
+    assert (sheet[4:68, 4:68] == np.asarray(pictures[0])).all()
 
 
 def test_picture_oracle_sees_no_shape_in_a_plain_picture():

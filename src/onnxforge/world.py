@@ -246,3 +246,26 @@ def _hull_area(xs: np.ndarray, ys: np.ndarray) -> float:
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def contact_sheet(pictures: list[Image.Image], captions: list[str], columns: int = 8, cell: int = 128) -> Image.Image:
+    """A grid of generated pictures with, under each, what its caption asked for and what the oracle read;
+    framed green where colour and shape are both right, red where not (one-shape captions)."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    rows = -(-len(pictures) // columns)
+    pad, text_h = 4, 26
+    sheet = Image.new("RGB", (columns * (cell + 2 * pad), rows * (cell + 2 * pad + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (picture, caption) in enumerate(zip(pictures, captions)):
+        want, got = parse_caption(caption), read_picture(picture)
+        thing = want.shapes[0]
+        right = got.colour == thing.colour and got.shape == thing.shape
+        x, y = (i % columns) * (cell + 2 * pad), (i // columns) * (cell + 2 * pad + text_h)
+        draw.rectangle([x, y, x + cell + 2 * pad - 1, y + cell + 2 * pad - 1], fill=(40, 160, 60) if right else (200, 40, 40))
+        sheet.paste(picture.convert("RGB").resize((cell, cell), Image.NEAREST), (x + pad, y + pad))
+        draw.text((x + pad, y + cell + 2 * pad), f"{thing.colour} {thing.shape} / {want.background}", fill=(0, 0, 0), font=font)
+        draw.text((x + pad, y + cell + 2 * pad + 12), f"read: {got.colour or '-'} {got.shape or '-'}",
+                  fill=(0, 0, 0), font=font)
+    return sheet

@@ -14,6 +14,7 @@ Variants:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -181,7 +182,8 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         t = p.train
         record = pocket.train_pocket(model_dir, seed=p.seed, steps=t["steps"], examples=t["examples"], batch=t["batch"],
                                      learning_rate=t["learning_rate"], config=p.config, world=t["world"],
-                                     log=lambda line: print(line, flush=True))
+                                     # stderr: a build stage keeps stdout's chatter for failures only
+                                     log=lambda line: print(line, file=sys.stderr, flush=True))
         check_architecture(load_torch_model(model_dir).config)
         source = {"kind": "train", "seed": p.seed, "config": p.config, **t,
                   "seconds": record["seconds"], "torch_world_mask_iou": record["torch_world_mask_iou"]["mean"]}

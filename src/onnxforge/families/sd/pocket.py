@@ -3,7 +3,7 @@
 Three models in diffusers' and transformers' own classes, so the result is a Hub-layout folder that the
 family's export, quantize, validate and runtime code reads like any other:
 
-1. a small AutoencoderKL learns to reconstruct world pictures (64 px -> 8x8x4 latents), then its latent
+1. a small AutoencoderKL learns to reconstruct world pictures (64 px -> 16x16x4 latents), then its latent
    scaling factor is set from the data as SD's was (1 / std of the latents);
 2. a small CLIPTextModel (with a CLIP BPE trained on the world's captions) and a small UNet2DConditionModel
    learn together to predict the noise of those latents (epsilon, SD's scaled-linear betas), with 10 % of
@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,21 +27,27 @@ import numpy as np
 
 from ... import world
 
-# The architecture: sizes chosen so the whole training fits in well under an hour of a 2-core CPU
-# (UNet step ~0.2 s at batch 32 on 8x8 latents; measured on an AMD EPYC, AVX-512).
+# The architecture (sizes measured on a 2-core AMD EPYC, AVX-512): a 3-level VAE, 64 px pictures -> 16x16x4
+# latents (0.5 M parameters, ~0.4 s per step at batch 16). The first runs used 4 levels (8x8 latents): even the
+# reconstructions of rendered pictures lost the shapes (docs/pocket-sd.md). The UNet works on 16x16 latents
+# with self- and cross-attention at 8x8 and 4x4 only (1.7 M parameters, ~0.2 s per step at batch 32).
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
         "max_position_embeddings": 16, "hidden_act": "quick_gelu", "projection_dim": 64}
-VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 8, "block_out_channels": [16, 32, 32, 32],
+VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [24, 48, 48],
        "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64,
-       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-UNET = {"sample_size": 8, "in_channels": 8, "out_channels": 8, "block_out_channels": [64, 128], "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
-        "attention_head_dim": 8, "norm_num_groups": 32}
+       "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
+UNET = {"sample_size": 16, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "cross_attention_dim": 64,
+        "attention_head_dim": 8, "norm_num_groups": 16}
 SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
              "clip_sample": False}
 CAPTION_DROP = 0.1
+OFFSET_NOISE = 0.25
+VAE_LR = 3e-3
+FOREGROUND_WEIGHT = 8.0  # extra loss weight on the shapes' pixels (see _foreground_weights)
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -49,17 +56,31 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _pictures(config: world.WorldConfig, seed: int, count: int):
+def _pictures(config: world.WorldConfig, seed: int, count: int, with_masks: bool = False):
     import torch
 
-    captions, pixels = [], []
-    for scene, image, _ in world.dataset(config, seed, count):
+    captions, pixels, masks = [], [], []
+    for scene, image, shape_masks in world.dataset(config, seed, count):
         captions.append(scene.caption)
         pixels.append(np.asarray(image))
-    return captions, torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        masks.append(shape_masks.any(axis=0))
+    pixels = torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if with_masks:
+        return captions, pixels, torch.tensor(np.stack(masks)).unsqueeze(1).float()
+    return captions, pixels
 
 
-def train_vae(pixels, steps: int, seed: int, lr: float = 2e-3, batch: int = 16, log=print):
+def _foreground_weights(masks, weight: float, grow: int = 2):
+    """Per-pixel loss weights: 1 on the background, 1 + weight on the shapes and `grow` pixels around them (a
+    small shape is 3-6 % of a picture: an unweighted loss learns the background first and the shapes last)."""
+    import torch
+
+    grown = torch.nn.functional.max_pool2d(masks, kernel_size=2 * grow + 1, stride=1, padding=grow)
+    return 1.0 + weight * grown
+
+
+def train_vae(pixels, steps: int, seed: int, lr: float = 2e-3, batch: int = 16, masks=None,
+              foreground_weight: float = 0.0, log=print):
     import torch
     from diffusers import AutoencoderKL
 
@@ -77,8 +98,9 @@ def train_vae(pixels, steps: int, seed: int, lr: float = 2e-3, batch: int = 16, 
         # slowly, and decoding noisy samples taught the first runs to draw blurred blobs instead of shapes.
         recon = vae.decode(posterior.mean).sample
         # L1 beside MSE: sharper edges (MSE alone left blurred blobs where the shapes were)
-        loss = (torch.nn.functional.l1_loss(recon, pixels[idx]) + torch.nn.functional.mse_loss(recon, pixels[idx])
-                + 1e-5 * posterior.kl().mean())
+        err = recon - pixels[idx]
+        w = 1.0 if masks is None else _foreground_weights(masks[idx], foreground_weight)
+        loss = (w * (err.abs() + err ** 2)).mean() + 1e-5 * posterior.kl().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,7 +117,8 @@ def encode_latents(vae, pixels, batch: int = 64):
 
 
 def train_denoiser(latents, token_ids, empty_ids, text_encoder, unet, steps: int, seed: int, lr: float = 1e-3,
-                   batch: int = 32, ema_decay: float = 0.999, evaluate=None, eval_every: int = 0, log=print):
+                   batch: int = 32, ema_decay: float = 0.999, weights=None, evaluate=None, eval_every: int = 0,
+                   log=print):
     """Joint text encoder + UNet training on (scaled latents, caption token ids); returns the EMA copies."""
     import torch
     from diffusers import DDPMScheduler
@@ -119,12 +142,18 @@ def train_denoiser(latents, token_ids, empty_ids, text_encoder, unet, steps: int
         drop = torch.rand(batch, generator=gen) < CAPTION_DROP
         ids[drop] = empty_ids
         x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
+        # Offset noise: a random per-channel constant on top. SD's schedule keeps ~7 % of the signal at t=999, and
+        # a flat background is the latents' mean, which noise of 16x16 latents hides only to ~6 %: without the
+        # offset the UNet learnt to read the background from the starting noise instead of the caption
+        # (the 8000-step run drew the caption's background 25 % of the time; docs/pocket-sd.md).
+        noise = torch.randn(x0.shape, generator=gen) + OFFSET_NOISE * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         context = text_encoder(ids).last_hidden_state
-        loss = torch.nn.functional.mse_loss(unet(xt, t, context).sample, noise)
+        err = (unet(xt, t, context).sample - noise) ** 2
+        # per-latent weights (more on the shape) shift capacity to the shapes; each position's optimum is unchanged
+        loss = (err if weights is None else weights[idx] * err).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -154,7 +183,8 @@ def sample_pictures(text_encoder, unet, vae, tokenizer, captions: list[str], see
     with torch.no_grad():
         cond, uncond = enc(captions), enc([""] * len(captions))
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn((len(captions), VAE["latent_channels"], 8, 8), generator=gen)
+        side = VAE["sample_size"] // 2 ** (len(VAE["block_out_channels"]) - 1)
+        x = torch.randn((len(captions), VAE["latent_channels"], side, side), generator=gen)
         for t in sched.timesteps:
             eps = unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample
             e_u, e_c = eps.chunk(2)
@@ -193,8 +223,8 @@ def eval_captions(config: world.WorldConfig, seed: int, count: int) -> list[str]
     return [scene.caption for scene, _, _ in world.dataset(config, seed, count)]
 
 
-def train_pocket(out: Path, seed: int = 0, examples: int = 4000, vae_steps: int = 1500, unet_steps: int = 10000,
-                 eval_every: int = 0, log=print) -> dict:
+def train_pocket(out: Path, seed: int = 0, examples: int = 4000, vae_steps: int = 1500, unet_steps: int = 5500,
+                 eval_every: int = 1000, log=None) -> dict:
     """Train the three models and save a Hub-layout Stable Diffusion folder to `out`; returns a record."""
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -202,9 +232,12 @@ def train_pocket(out: Path, seed: int = 0, examples: int = 4000, vae_steps: int 
 
     from .source import train_clip_tokenizer
 
+    if log is None:  # progress on stderr: a build stage keeps stdout's library chatter for failures only
+        def log(message):
+            print(message, file=sys.stderr, flush=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = world.WorldConfig(size=64, max_shapes=1)
-    captions, pixels = _pictures(config, seed, examples)
+    captions, pixels, masks = _pictures(config, seed, examples, with_masks=True)
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "captions.txt"
     corpus.write_text("\n".join(sorted(set(captions))) + "\n")
@@ -215,13 +248,15 @@ def train_pocket(out: Path, seed: int = 0, examples: int = 4000, vae_steps: int 
     tokenizer = CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"),
                               model_max_length=TEXT["max_position_embeddings"])
     started = time.time()
-    vae = train_vae(pixels, vae_steps, seed, log=log)
+    vae = train_vae(pixels, vae_steps, seed, lr=VAE_LR, masks=masks, foreground_weight=FOREGROUND_WEIGHT, log=log)
     checks = eval_captions(config, seed + 1000, 32)
     log(f"vae: oracle on reconstructions of {len(checks)} held-out pictures {reconstruction_scores(vae, config, seed)}")
     latents = encode_latents(vae, pixels)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
+    factor = pixels.shape[-1] // latents.shape[-1]
+    latent_weights = _foreground_weights(torch.nn.functional.max_pool2d(masks, factor), FOREGROUND_WEIGHT / 2, grow=0)
     vae_seconds = time.time() - started
 
     def tokens(texts):
@@ -236,10 +271,15 @@ def train_pocket(out: Path, seed: int = 0, examples: int = 4000, vae_steps: int 
     unet = UNet2DConditionModel(**UNET)
 
     def evaluate(te, un):
-        return oracle_scores(sample_pictures(te, un, vae, tokenizer, checks, seed), checks)
+        pictures = sample_pictures(te, un, vae, tokenizer, checks, seed)
+        evaluate.count += 1  # each check's pictures with their readings, beside the model folder
+        world.contact_sheet(pictures, checks).save(out.parent / f"training-check-{evaluate.count}.png")
+        return oracle_scores(pictures, checks)
+
+    evaluate.count = 0
 
     text_encoder, unet = train_denoiser(latents, token_ids, empty_ids, text_encoder, unet, unet_steps, seed,
-                                        evaluate=evaluate, eval_every=eval_every, log=log)
+                                        weights=latent_weights, evaluate=evaluate, eval_every=eval_every, log=log)
     scores = evaluate(text_encoder, unet)
     log(f"pocket SD: oracle on {len(checks)} held-out captions {scores}")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),

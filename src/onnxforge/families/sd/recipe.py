@@ -80,7 +80,7 @@ class SdTrainSource(Strict):
     seed: int = Field(default=0, ge=0)
     examples: int = Field(default=4000, ge=100, le=100_000, description="world pictures to learn from")
     vae_steps: int = Field(default=1500, ge=1, le=100_000)
-    unet_steps: int = Field(default=6000, ge=1, le=200_000, description="text encoder + UNet steps (batch 32)")
+    unet_steps: int = Field(default=5500, ge=1, le=200_000, description="text encoder + UNet steps (batch 32)")
 
 
 class SdSource(Source):

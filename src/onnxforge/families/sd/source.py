@@ -149,7 +149,8 @@ def source_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     elif p.kind == "train":
         from .pocket import train_pocket
 
-        training = train_pocket(out / "model", **p.config)
+        model_dir = out / "model"
+        training = train_pocket(model_dir, **p.config)
         source = {"kind": "train", "seed": p.seed, "pocket": {"training": training}}
         rel = "model"
     else:

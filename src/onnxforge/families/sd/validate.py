@@ -138,7 +138,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
         record_check(checks, "runtime tokenization == CLIPTokenizer", export_rec["recorded"]["tokenizer_texts_checked"],
                      "all texts", True)
         if p.world:
-            results["world"] = world_scores(out, runtime, files, p.world)
+            results["world"] = world_scores(out, runtime, files, p.world, sheet=out / "world-sheet.png")
             world_checks(checks, results["world"], p.world)
         results["checks_run"] = list(p.checks)
         fail_on(checks, results)
@@ -211,7 +211,7 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     if p.world:
         del fp32, ours
         gc.collect()
-        results["world"] = world_scores(out, runtime, files, p.world)
+        results["world"] = world_scores(out, runtime, files, p.world, sheet=out / "world-sheet.png")
         results["world"]["fp32"] = world_scores(export_dir, runtime, files, p.world)
         world_checks(checks, results["world"], p.world)
     results["checks_run"] = list(p.checks)
@@ -219,9 +219,10 @@ def validate_stage(spec: StageSpec, out: Path, ctx: StageContext) -> dict:
     return {"components": files, "validation": results, "runtime": runtime}
 
 
-def world_scores(folder: Path, runtime: dict, files: dict, world_cfg: dict) -> dict:
+def world_scores(folder: Path, runtime: dict, files: dict, world_cfg: dict, sheet: Path | None = None) -> dict:
     """The pocket world's picture oracle on this folder's components: held-out captions drawn with the recipe's
-    runtime defaults, each read back for its colour, shape and background (onnxforge.world)."""
+    runtime defaults, each read back for its colour, shape and background (onnxforge.world). `sheet`: where to
+    save the pictures as a grid with each one's caption and reading (docs/pocket/ shows one)."""
     from ... import world
     from ...runtime.sd import StableDiffusion
 
@@ -233,18 +234,24 @@ def world_scores(folder: Path, runtime: dict, files: dict, world_cfg: dict) -> d
     captions = [scene.caption for scene, _, _ in world.dataset(world.WorldConfig(size=width), world_cfg["seed"],
                                                                 world_cfg["pictures"])]
     hits = {"colour": 0, "shape": 0, "background": 0, "both": 0}
+    pictures = []
     for i, caption in enumerate(captions):
         want = world.parse_caption(caption)
-        got = world.read_picture(sd.generate(caption, seed=world_cfg["seed"] + i, steps=world_cfg["steps"],
-                                             guidance_scale=world_cfg["guidance_scale"],
-                                             scheduler=world_cfg["scheduler"], width=width, height=height).image)
+        pictures.append(sd.generate(caption, seed=world_cfg["seed"] + i, steps=world_cfg["steps"],
+                                    guidance_scale=world_cfg["guidance_scale"], scheduler=world_cfg["scheduler"],
+                                    width=width, height=height).image)
+        got = world.read_picture(pictures[-1])
         colour, shape = got.colour == want.shapes[0].colour, got.shape == want.shapes[0].shape
         hits["colour"] += colour
         hits["shape"] += shape
         hits["both"] += colour and shape
         hits["background"] += got.background == want.background
     n = len(captions)
-    return {"pictures": n, "seed": world_cfg["seed"], **{k: round(v / n, 4) for k, v in hits.items()}}
+    scores = {"pictures": n, "seed": world_cfg["seed"], **{k: round(v / n, 4) for k, v in hits.items()}}
+    if sheet is not None:
+        world.contact_sheet(pictures, captions).save(sheet)
+        scores["sheet"] = sheet.name
+    return scores
 
 
 def world_checks(checks: list, scores: dict, world_cfg: dict) -> None:
