@@ -125,7 +125,7 @@ def demo_artifacts(tmp_path_factory, tiny, sam_tiny, sd_tiny, sd_tiny_lcm) -> Pa
     return root
 
 
-POCKET_DEFAULTS = ["gpt2-pocket"]  # the default recipes that read committed pocket weights
+POCKET_DEFAULTS = ["gpt2-pocket", "sd-pocket", "sam-pocket"]  # the default recipes that read committed pocket weights
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """Pocket Stable Diffusion and committed pocket weights (issue 16).
 
 Committed pocket weights (pocket/<model>/ with each file's sha256 in pocket.json, written by `onnxforge
-pocket-train`) and the pocket SD's trainer (recipes/sd-pocket-train.yaml; not yet trained to its targets, so no
-sd-pocket weights are committed). These tests check the folder guard, the short-run trainer's output layout
-and the world-oracle gate of the SD validate stage.
+pocket-train`) and the pocket SD's trainer (recipes/sd-pocket-train.yaml; its weights are pocket/sd, which the
+default recipe sd-pocket reads: tests/test_pocket_demo.py runs them). These tests check the folder guard, a
+short training run through `onnxforge pocket-train`, and the world-oracle gate of the SD validate stage.
 """
 
 import json
