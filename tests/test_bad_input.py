@@ -55,7 +55,8 @@ def test_shipped_recipes_load():
     recipes = load_recipes(REPO / "recipes")
     assert {"gpt2-tiny", "gpt2-medium", "gpt2-medium-random"} <= set(recipes)
     assert recipes["gpt2-medium"].body.source.hub.revision == "6dcaa7a952f72f9298047fd5137cd6e4f05f41da"
-    assert sorted(n for n, r in recipes.items() if r.body.default) == ["gpt2-pocket", "gpt2-tiny", "sam-tiny", "sd-tiny", "sd-tiny-lcm"]
+    assert sorted(n for n, r in recipes.items() if r.body.default) == [
+        "gpt2-pocket", "gpt2-tiny", "sam-pocket", "sam-tiny", "sd-pocket", "sd-tiny", "sd-tiny-lcm"]
 
 
 def test_offline_hub_source_not_cached_is_one_clear_error(tmp_path, monkeypatch):
