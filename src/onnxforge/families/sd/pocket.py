@@ -286,7 +286,8 @@ def train_pocket(out: Path, seed: int = 0, examples: int = 4000, vae_steps: int 
                                    scheduler=PNDMScheduler.from_config({k: v for k, v in SCHEDULER.items()
                                                                         if not k.startswith("_")}),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
+    # shards under 4 MB: the weights are committed (pocket/sd), and the repository takes no file over 5 MB
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size="4MB")
     record = {"seed": seed, "examples": examples, "vae_steps": vae_steps, "unet_steps": unet_steps,
               "latent_scaling_factor": round(scaling, 6), "train_seconds": round(time.time() - started),
               "vae_seconds": round(vae_seconds), "torch_oracle": scores}
